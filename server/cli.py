@@ -1,0 +1,87 @@
+"""`steer` command line: `steer serve` (more subcommands arrive with the methods)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+# On the CPU backend vLLM sizes the KV cache from --gpu-memory-utilization of a NUMA node's
+# memory, which fails on small or shared hosts; a fixed size is the predictable default.
+CPU_DEFAULT_KV_CACHE_BYTES = 2 << 30
+
+
+def _serve_parser(sub) -> argparse.ArgumentParser:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    parser = sub.add_parser(
+        "serve",
+        help="serve the OpenAI-compatible API (default model: the bundled SmolLM2-135M-Instruct)",
+        description="Serve the OpenAI-compatible API with entropy steering. Every vLLM engine "
+        "argument (--dtype, --max-model-len, --tensor-parallel-size, --gpu-memory-utilization, "
+        "--enforce-eager, ...) is accepted and passed to the engine.",
+    )
+    parser.add_argument("--host", default=os.environ.get("STEER_HOST", DEFAULT_HOST))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("STEER_PORT", DEFAULT_PORT)))
+    parser.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1/* (env STEER_API_KEY)")
+    AsyncEngineArgs.add_cli_args(parser)
+    parser.set_defaults(model=None, dtype=None)
+    return parser
+
+
+def build_engine_args(args: argparse.Namespace):
+    """vLLM engine arguments from the command line, with this project's defaults filled in."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.platforms import current_platform
+
+    from server.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+
+    bundled = args.model is None
+    if bundled:
+        args.model = str(ensure_default_model())
+        args.served_model_name = args.served_model_name or [DEFAULT_MODEL_NAME]
+    elif not Path(args.model).is_dir():
+        raise SystemExit(f"--model {args.model}: not a local folder (no model hub is used)")
+    if args.dtype is None:
+        # CPUs without native bf16 decode float32 about 4x faster; the bundled model is float32.
+        args.dtype = "float32" if current_platform.is_cpu() else "auto"
+    if (current_platform.is_cpu() and args.kv_cache_memory_bytes is None
+            and not os.environ.get("VLLM_CPU_KVCACHE_SPACE")):
+        args.kv_cache_memory_bytes = CPU_DEFAULT_KV_CACHE_BYTES
+    return AsyncEngineArgs.from_cli_args(args)
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from server.app import create_app
+    from server.engine import Engine
+
+    engine_args = build_engine_args(args)
+    names = engine_args.served_model_name
+    model_name = (names[0] if isinstance(names, list) else names) or Path(args.model).name
+    app = create_app(Engine(engine_args), model_name=model_name, api_key=args.api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+                timeout_graceful_shutdown=30)
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="steer", description="entropy-steer: "
+                                    "an OpenAI-compatible vLLM server with entropy steering")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    if args.command == "serve":
+        serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

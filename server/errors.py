@@ -1,0 +1,97 @@
+"""Errors in the OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+logger = logging.getLogger("entropy_steer.errors")
+
+
+class APIError(Exception):
+    """An error with its HTTP status and OpenAI error type."""
+
+    status = 500
+    type = "server_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+class InvalidRequest(APIError):
+    status, type = 400, "invalid_request_error"
+
+
+class Unauthorized(APIError):
+    status, type = 401, "authentication_error"
+
+
+class NotFound(APIError):
+    status, type = 404, "not_found_error"
+
+
+class EngineUnavailable(APIError):
+    status, type = 503, "service_unavailable"
+
+
+def error_body(status: int, type_: str, message: str, param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+    return JSONResponse(
+        error_body(exc.status, exc.type, exc.message, exc.param, exc.code),
+        status_code=exc.status,
+        headers=headers,
+    )
+
+
+def _validation_param(loc: tuple) -> str | None:
+    """Dotted field path of a pydantic error, without the 'body' root and union branch names."""
+    # pydantic names union branches ('constrained-str', 'list[int]'); field names have neither.
+    parts = [str(p) for p in loc[1:] if not (isinstance(p, str) and ("[" in p or "-" in p))]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            return error_response(InvalidRequest(f"malformed JSON body: {first['msg']}"))
+        param = _validation_param(tuple(first.get("loc", ())))
+        message = first.get("msg", "invalid request")
+        if param:
+            message = f"{param}: {message}"
+        others = {_validation_param(tuple(e.get("loc", ()))) for e in errors[1:]} - {param}
+        if others:
+            message += f" (also: {', '.join(sorted(str(o) for o in others))})"
+        return error_response(InvalidRequest(message, param=param))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        logger.exception("unhandled error", exc_info=exc)
+        return error_response(APIError("internal server error; the server logged the details"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):
+        kinds = {401: Unauthorized, 404: NotFound}
+        cls = kinds.get(exc.status_code)
+        if cls is not None:
+            return error_response(cls(str(exc.detail)))
+        return JSONResponse(
+            error_body(exc.status_code, "invalid_request_error", str(exc.detail)),
+            status_code=exc.status_code,
+        )

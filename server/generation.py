@@ -1,0 +1,178 @@
+"""From a validated request to finished choices: the steering plan, fan-out over prompts × n,
+the per-choice steering report, and the metrics. Shared by both generation routes."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from server.engine import ChoiceDelta, Engine, SamplingOptions, TokenLogprob
+from server.metrics import SteerMetrics
+from server.protocol import GenerationRequest
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which steering methods a request uses, with their parameters."""
+
+    typical_p: float | None
+    return_entropy: bool
+
+    @classmethod
+    def of(cls, request: GenerationRequest) -> Plan:
+        mass = request.typical_mass
+        return cls(typical_p=mass if mass is not None and mass < 1 else None,
+                   return_entropy=request.return_entropy)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return ("typical",) if self.typical_p is not None else ()
+
+    @property
+    def label(self) -> str:
+        """Metric label: the methods joined by '+', or 'none'."""
+        return "+".join(self.methods) or "none"
+
+
+def sampling_options(request: GenerationRequest, plan: Plan, max_tokens: int | None,
+                     logprobs: int | None, choice: int) -> SamplingOptions:
+    return SamplingOptions(
+        max_tokens=max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        min_p=request.min_p,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        repetition_penalty=request.repetition_penalty,
+        seed=None if request.seed is None else request.seed + choice,
+        stop=tuple(request.stop_list),
+        logprobs=logprobs,
+        typical_p=plan.typical_p,
+    )
+
+
+@dataclass
+class ChoiceResult:
+    """A choice's output accumulated over its deltas."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    entropy: list[float | None] = field(default_factory=list)
+    varentropy: list[float | None] = field(default_factory=list)
+
+    def add(self, delta: ChoiceDelta) -> None:
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        self.logprobs += delta.logprobs or []
+        self.finish_reason = delta.finish_reason
+        if delta.trace is not None:
+            self.entropy = _clean(delta.trace.entropy[: len(self.token_ids)])
+            self.varentropy = _clean(delta.trace.varentropy[: len(self.token_ids)])
+
+
+def _clean(values: list[float]) -> list[float | None]:
+    return [None if math.isnan(v) else v for v in values]
+
+
+def _summary(values: list[float | None]) -> dict:
+    known = [v for v in values if v is not None]
+    if not known:
+        return {"mean": None, "max": None, "last": None}
+    return {"mean": sum(known) / len(known), "max": max(known), "last": known[-1]}
+
+
+def steering_report(plan: Plan, result: ChoiceResult) -> dict:
+    """The per-choice `steering` object of a finished choice."""
+    report: dict = {"methods": list(plan.methods)}
+    if plan.typical_p is not None:
+        report["typical"] = {"p": plan.typical_p}
+    report["entropy"] = _summary(result.entropy)
+    report["varentropy"] = _summary(result.varentropy)
+    if plan.return_entropy:
+        report["token_entropy"] = result.entropy
+        report["token_varentropy"] = result.varentropy
+    return report
+
+
+class Generation:
+    """One HTTP request's choices, run concurrently on the engine and merged into one stream."""
+
+    def __init__(self, engine: Engine, metrics: SteerMetrics, model: str, plan: Plan,
+                 jobs: list[tuple[list[int], SamplingOptions]], stream_entropy: bool):
+        self.engine, self.metrics, self.model, self.plan = engine, metrics, model, plan
+        self.jobs = [(prompt, engine.admit(prompt, options)) for prompt, options in jobs]
+        self.stream_entropy = stream_entropy
+        self.arrival = time.monotonic()
+        self.results = [ChoiceResult(index=i) for i in range(len(jobs))]
+        self.prompt_tokens = sum(len(prompt) for prompt, _ in jobs)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(r.token_ids) for r in self.results)
+
+    def usage(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+    async def deltas(self) -> AsyncIterator[tuple[int, ChoiceDelta]]:
+        """(choice index, delta) as they come; cancelling the consumer aborts every choice."""
+        labels = (self.model, self.plan.label)
+        self.metrics.requests.labels(*labels).inc()
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def run(index: int, prompt: list[int], options: SamplingOptions) -> None:
+            try:
+                async for delta in self.engine.generate(
+                    prompt, options, entropy_per_delta=self.stream_entropy
+                ):
+                    await queue.put((index, delta))
+            except BaseException as exc:
+                await queue.put((index, exc))
+                raise
+            finally:
+                await queue.put((index, done))
+
+        tasks = [asyncio.create_task(run(i, p, o)) for i, (p, o) in enumerate(self.jobs)]
+        first_token_seen = False
+        remaining = len(tasks)
+        try:
+            while remaining:
+                index, item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if not first_token_seen and item.token_ids:
+                    first_token_seen = True
+                    self.metrics.ttft.labels(*labels).observe(time.monotonic() - self.arrival)
+                result = self.results[index]
+                result.add(item)
+                if item.finish_reason is not None:
+                    self.metrics.observe_tokens(*labels, result.entropy, result.varentropy)
+                yield index, item
+            self.metrics.e2e.labels(*labels).observe(time.monotonic() - self.arrival)
+        except BaseException as exc:
+            status = getattr(exc, "status", 499 if isinstance(exc, asyncio.CancelledError) else 500)
+            self.metrics.request_errors.labels(*labels, str(status)).inc()
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def run_to_end(self) -> list[ChoiceResult]:
+        async for _ in self.deltas():
+            pass
+        return self.results

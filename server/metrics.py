@@ -1,0 +1,63 @@
+"""The project's `steer_*` Prometheus metrics (base units; `_total` counters; histograms).
+
+Entropy values are measured in the engine process and reach this (API) process through the
+telemetry channel; they are observed here, once per generated token, after each choice ends.
+`/metrics` serves these together with vLLM's own `vllm:*` metrics from the same registry.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+
+ENTROPY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 11.0)
+VARENTROPY_BUCKETS = (0.01, 0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+LABELS = ("model", "method")
+
+
+class SteerMetrics:
+    """All steer_* metrics, registered once per registry."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.token_entropy = Histogram(
+            "steer_token_entropy_nats",
+            "Entropy of each generated token's distribution (temperature-scaled, before truncation)",
+            LABELS, buckets=ENTROPY_BUCKETS, registry=registry,
+        )
+        self.token_varentropy = Histogram(
+            "steer_token_varentropy_nats2",
+            "Varentropy of each generated token's distribution",
+            LABELS, buckets=VARENTROPY_BUCKETS, registry=registry,
+        )
+        self.requests = Counter(
+            "steer_requests", "Generation requests by steering method", LABELS, registry=registry
+        )
+        self.request_errors = Counter(
+            "steer_request_errors", "Generation requests that ended in an error",
+            (*LABELS, "status"), registry=registry,
+        )
+        self.generated_tokens = Counter(
+            "steer_generated_tokens", "Generated tokens", LABELS, registry=registry
+        )
+        self.ttft = Histogram(
+            "steer_time_to_first_token_seconds",
+            "Time from request arrival to the first generated token",
+            LABELS, buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.e2e = Histogram(
+            "steer_request_latency_seconds",
+            "Time from request arrival to the last generated token",
+            LABELS, buckets=LATENCY_BUCKETS, registry=registry,
+        )
+
+    def observe_tokens(self, model: str, method: str, entropy, varentropy) -> None:
+        h = self.token_entropy.labels(model, method)
+        for value in entropy:
+            if value is not None:
+                h.observe(value)
+        v = self.token_varentropy.labels(model, method)
+        for value in varentropy:
+            if value is not None:
+                v.observe(value)
+        self.generated_tokens.labels(model, method).inc(len(entropy))

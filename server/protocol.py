@@ -1,0 +1,143 @@
+"""OpenAI request models with this project's extensions (`typical_p`, `steering`).
+
+Every model forbids unknown fields, so a misspelt option is a 400 naming it rather than a
+silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_N = 16
+MAX_STOP_SEQUENCES = 8
+MAX_LOGPROBS = 20
+MAX_PROMPTS = 16
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TypicalOptions(StrictModel):
+    """Locally typical sampling (Meister et al. 2022): keep mass `p` of the most typical tokens."""
+
+    p: Annotated[float, Field(gt=0, le=1, description="typical mass τ in (0, 1]; 1 turns it off")]
+
+
+class SteeringOptions(StrictModel):
+    """Per-request steering methods and reporting."""
+
+    typical: TypicalOptions | None = None
+    return_entropy: bool = Field(
+        default=False, description="add per-token entropy and varentropy lists to the response"
+    )
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class GenerationRequest(StrictModel):
+    """Fields shared by both generation routes."""
+
+    model: str | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0, le=2)] = 1.0
+    seed: int | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    user: str | None = None
+    typical_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    steering: SteeringOptions | None = None
+
+    @model_validator(mode="after")
+    def _one_typical(self):
+        if self.typical_p is not None and self.steering and self.steering.typical is not None:
+            raise ValueError("set typical_p or steering.typical, not both")
+        return self
+
+    @property
+    def typical_mass(self) -> float | None:
+        if self.typical_p is not None:
+            return self.typical_p
+        if self.steering and self.steering.typical:
+            return self.steering.typical.p
+        return None
+
+    @property
+    def return_entropy(self) -> bool:
+        return bool(self.steering and self.steering.return_entropy)
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+PromptText = Annotated[str, Field(min_length=1)]
+PromptTokens = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: (
+        PromptText
+        | PromptTokens
+        | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | Annotated[list[PromptTokens], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: Literal[False] = False
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s) as a list: one entry per prompt, text or token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+class TextPart(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if not any(m.text() for m in self.messages):
+            raise ValueError("messages are all empty")
+        return self
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens

@@ -1,0 +1,227 @@
+"""OpenAI-compatible routes: models, completions, chat completions, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.engine import Engine, TokenLogprob
+from server.errors import NotFound, Unauthorized
+from server.generation import ChoiceResult, Generation, Plan, sampling_options, steering_report
+from server.metrics import SteerMetrics
+from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
+
+
+class ServerState:
+    """What the routes need, stored on `app.state.steer`."""
+
+    def __init__(self, engine: Engine, metrics: SteerMetrics, model_name: str,
+                 api_key: str | None) -> None:
+        self.engine, self.metrics, self.model_name, self.api_key = (
+            engine, metrics, model_name, api_key)
+        self.created = int(time.time())
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.steer
+
+
+def require_api_key(request: Request, state: ServerState = Depends(get_state)) -> None:
+    """Bearer token check for /v1/*, in constant time."""
+    if state.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), state.api_key.encode()
+    ):
+        raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer KEY')")
+
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+ops = APIRouter()
+
+
+@ops.get("/health")
+async def health(state: ServerState = Depends(get_state)):
+    if not state.engine.healthy:
+        return JSONResponse({"status": "engine down"}, status_code=503)
+    return {"status": "ok"}
+
+
+@ops.get("/metrics")
+async def metrics(state: ServerState = Depends(get_state)):
+    return Response(generate_latest(state.engine.prometheus_registry()),
+                    media_type=CONTENT_TYPE_LATEST)
+
+
+@v1.get("/models")
+async def list_models(state: ServerState = Depends(get_state)):
+    return {"object": "list", "data": [{
+        "id": state.model_name, "object": "model", "created": state.created,
+        "owned_by": "entropy-steer", "max_model_len": state.engine.max_model_len,
+    }]}
+
+
+def _check_model(state: ServerState, request: GenerationRequest) -> None:
+    if request.model is not None and request.model != state.model_name:
+        raise NotFound(f"model '{request.model}' is not served here; this server serves "
+                       f"'{state.model_name}'", param="model", code="model_not_found")
+
+
+@v1.post("/completions")
+async def completions(body: CompletionRequest, request: Request,
+                      state: ServerState = Depends(get_state)):
+    _check_model(state, body)
+    plan = Plan.of(body)
+    engine = state.engine
+    prompts = [p if isinstance(p, list) else engine.encode(p) for p in body.prompts()]
+    jobs = [(prompt, sampling_options(body, plan, body.max_tokens, body.logprobs, j))
+            for prompt in prompts for j in range(body.n)]
+    generation = Generation(engine, state.metrics, state.model_name, plan, jobs,
+                            stream_entropy=body.stream and plan.return_entropy)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def envelope(choices: list[dict]) -> dict:
+        return {"id": rid, "object": "text_completion", "created": created,
+                "model": state.model_name, "choices": choices}
+
+    if body.stream:
+        async def chunks() -> AsyncIterator[dict]:
+            async for index, delta in generation.deltas():
+                choice = {"index": index, "text": delta.text,
+                          "logprobs": _completion_logprobs(delta.logprobs, 0),
+                          "finish_reason": delta.finish_reason}
+                _attach_stream_steering(choice, plan, delta, generation.results[index])
+                yield envelope([choice])
+            if body.stream_options and body.stream_options.include_usage:
+                yield {**envelope([]), "usage": generation.usage()}
+        return _sse(chunks())
+
+    results = await _cancel_on_disconnect(request, generation.run_to_end())
+    return {**envelope([{
+        "index": r.index, "text": r.text,
+        "logprobs": _completion_logprobs(r.logprobs, 0) if body.logprobs is not None else None,
+        "finish_reason": r.finish_reason, "steering": steering_report(plan, r),
+    } for r in results]), "usage": generation.usage()}
+
+
+@v1.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           state: ServerState = Depends(get_state)):
+    _check_model(state, body)
+    plan = Plan.of(body)
+    prompt = state.engine.encode_chat([{"role": m.role, "content": m.text()}
+                                       for m in body.messages])
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    jobs = [(prompt, sampling_options(body, plan, body.token_limit, logprobs, j))
+            for j in range(body.n)]
+    generation = Generation(state.engine, state.metrics, state.model_name, plan, jobs,
+                            stream_entropy=body.stream and plan.return_entropy)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def envelope(obj: str, choices: list[dict]) -> dict:
+        return {"id": rid, "object": obj, "created": created, "model": state.model_name,
+                "choices": choices}
+
+    if body.stream:
+        async def chunks() -> AsyncIterator[dict]:
+            for j in range(body.n):
+                yield envelope("chat.completion.chunk", [{
+                    "index": j, "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None, "finish_reason": None}])
+            async for index, delta in generation.deltas():
+                choice = {"index": index, "delta": {"content": delta.text},
+                          "logprobs": _chat_logprobs(delta.logprobs) if body.logprobs else None,
+                          "finish_reason": delta.finish_reason}
+                _attach_stream_steering(choice, plan, delta, generation.results[index])
+                yield envelope("chat.completion.chunk", [choice])
+            if body.stream_options and body.stream_options.include_usage:
+                yield {**envelope("chat.completion.chunk", []), "usage": generation.usage()}
+        return _sse(chunks())
+
+    results = await _cancel_on_disconnect(request, generation.run_to_end())
+    return {**envelope("chat.completion", [{
+        "index": r.index, "message": {"role": "assistant", "content": r.text},
+        "logprobs": _chat_logprobs(r.logprobs) if body.logprobs else None,
+        "finish_reason": r.finish_reason, "steering": steering_report(plan, r),
+    } for r in results]), "usage": generation.usage()}
+
+
+def _attach_stream_steering(choice: dict, plan: Plan, delta, result: ChoiceResult) -> None:
+    """Per-token entropy on every chunk when asked; the full report on a choice's last chunk."""
+    if delta.finish_reason is not None:
+        choice["steering"] = steering_report(plan, result)
+        if plan.return_entropy:  # the chunk's own tokens, like every other chunk
+            choice["steering"]["chunk_entropy"] = delta.entropy
+            choice["steering"]["chunk_varentropy"] = delta.varentropy
+    elif plan.return_entropy:
+        choice["steering"] = {"chunk_entropy": delta.entropy,
+                              "chunk_varentropy": delta.varentropy}
+
+
+def _completion_logprobs(logprobs: list[TokenLogprob] | None, offset: int) -> dict | None:
+    if not logprobs:
+        return None
+    offsets, position = [], offset
+    for lp in logprobs:
+        offsets.append(position)
+        position += len(lp.token)
+    return {
+        "tokens": [lp.token for lp in logprobs],
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [dict(lp.top) for lp in logprobs],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(logprobs: list[TokenLogprob] | None) -> dict:
+    return {"content": [{
+        "token": lp.token, "logprob": lp.logprob, "bytes": list(lp.token.encode()),
+        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in lp.top],
+    } for lp in logprobs or []]}
+
+
+def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events; an error after the stream started is sent as an error event."""
+    async def body():
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the status line is gone: report in-band, as OpenAI does
+            status = getattr(exc, "status", 500)
+            message = getattr(exc, "message", "internal error")
+            yield "data: " + json.dumps({"error": {
+                "message": message, "type": getattr(exc, "type", "server_error"),
+                "param": getattr(exc, "param", None), "code": status}}) + "\n\n"
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _cancel_on_disconnect(request: Request, work):
+    """Run `work`; if the client goes away first, cancel it (which aborts its engine requests)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    return await task
