@@ -58,6 +58,9 @@ class GenerationRequest(StrictModel):
     user: str | None = None
     typical_p: Annotated[float, Field(gt=0, le=1)] | None = None
     steering: SteeringOptions | None = None
+    return_token_ids: bool = Field(
+        default=False, description="add prompt_token_ids and token_ids to each choice"
+    )
 
     @model_validator(mode="after")
     def _one_typical(self):

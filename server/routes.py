@@ -101,6 +101,8 @@ async def completions(body: CompletionRequest, request: Request,
                           "logprobs": _completion_logprobs(delta.logprobs, 0),
                           "finish_reason": delta.finish_reason}
                 _attach_stream_steering(choice, plan, delta, generation.results[index])
+                if body.return_token_ids:
+                    choice["token_ids"] = delta.token_ids
                 yield envelope([choice])
             if body.stream_options and body.stream_options.include_usage:
                 yield {**envelope([]), "usage": generation.usage()}
@@ -111,6 +113,7 @@ async def completions(body: CompletionRequest, request: Request,
         "index": r.index, "text": r.text,
         "logprobs": _completion_logprobs(r.logprobs, 0) if body.logprobs is not None else None,
         "finish_reason": r.finish_reason, "steering": steering_report(plan, r),
+        **_token_ids(body, generation, r),
     } for r in results]), "usage": generation.usage()}
 
 
@@ -143,6 +146,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                           "logprobs": _chat_logprobs(delta.logprobs) if body.logprobs else None,
                           "finish_reason": delta.finish_reason}
                 _attach_stream_steering(choice, plan, delta, generation.results[index])
+                if body.return_token_ids:
+                    choice["token_ids"] = delta.token_ids
                 yield envelope("chat.completion.chunk", [choice])
             if body.stream_options and body.stream_options.include_usage:
                 yield {**envelope("chat.completion.chunk", []), "usage": generation.usage()}
@@ -153,7 +158,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         "index": r.index, "message": {"role": "assistant", "content": r.text},
         "logprobs": _chat_logprobs(r.logprobs) if body.logprobs else None,
         "finish_reason": r.finish_reason, "steering": steering_report(plan, r),
+        **_token_ids(body, generation, r),
     } for r in results]), "usage": generation.usage()}
+
+
+def _token_ids(body: GenerationRequest, generation: Generation, result: ChoiceResult) -> dict:
+    if not body.return_token_ids:
+        return {}
+    return {"prompt_token_ids": generation.jobs[result.index][0], "token_ids": result.token_ids}
 
 
 def _attach_stream_steering(choice: dict, plan: Plan, delta, result: ChoiceResult) -> None:

