@@ -1,4 +1,4 @@
-"""`steer` command line: `steer serve` (more subcommands arrive with the methods)."""
+"""`steer` command line: `steer serve`, `steer bench`."""
 
 from __future__ import annotations
 
@@ -14,16 +14,20 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 CPU_DEFAULT_KV_CACHE_BYTES = 2 << 30
 
 
-def _serve_parser(sub) -> argparse.ArgumentParser:
+def serve_parser():
+    """`steer serve`: our options plus every vLLM engine argument."""
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    parser = sub.add_parser(
-        "serve",
-        help="serve the OpenAI-compatible API (default model: the bundled SmolLM2-135M-Instruct)",
-        description="Serve the OpenAI-compatible API with entropy steering. Every vLLM engine "
-        "argument (--dtype, --max-model-len, --tensor-parallel-size, --gpu-memory-utilization, "
-        "--enforce-eager, ...) is accepted and passed to the engine.",
+    parser = FlexibleArgumentParser(
+        prog="steer serve",
+        description="Serve the OpenAI-compatible API with entropy steering. Without a model, "
+        "serves the bundled SmolLM2-135M-Instruct (converted once into the cache). "
+        "`--model PATH` (or a positional PATH) serves a local HF-format folder. Every vLLM "
+        "engine argument (--dtype, --max-model-len, --tensor-parallel-size, "
+        "--gpu-memory-utilization, --enforce-eager, ...) is accepted and passed to the engine.",
     )
+    parser.add_argument("model_path", nargs="?", help="local HF-format model folder")
     parser.add_argument("--host", default=os.environ.get("STEER_HOST", DEFAULT_HOST))
     parser.add_argument("--port", type=int, default=int(os.environ.get("STEER_PORT", DEFAULT_PORT)))
     parser.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"),
@@ -40,6 +44,8 @@ def build_engine_args(args: argparse.Namespace):
 
     from server.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 
+    if getattr(args, "model_path", None):
+        args.model = args.model_path
     bundled = args.model is None
     if bundled:
         args.model = str(ensure_default_model())
@@ -69,18 +75,31 @@ def serve(args: argparse.Namespace) -> None:
                 timeout_graceful_shutdown=30)
 
 
+COMMANDS = {
+    "serve": "serve the OpenAI-compatible API (default model: the bundled SmolLM2-135M-Instruct)",
+    "bench": "plain vLLM vs entropy-steer: throughput and TTFT ratios in one run",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="steer", description="entropy-steer: an OpenAI-compatible vLLM server with "
+        "entropy steering. `steer COMMAND --help` for each command.")
+    parser.add_argument("command", choices=COMMANDS, help="; ".join(
+        f"{name}: {text}" for name, text in COMMANDS.items()))
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv[:1])  # prints usage / help and exits
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "bench":
+        from clients.bench import main as bench_main
 
-    parser = FlexibleArgumentParser(prog="steer", description="entropy-steer: "
-                                    "an OpenAI-compatible vLLM server with entropy steering")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _serve_parser(sub)
-    args = parser.parse_args(argv)
+        return bench_main(rest)
+    args = serve_parser().parse_args(rest)
     logging.basicConfig(level=logging.INFO)
-    if args.command == "serve":
-        serve(args)
+    serve(args)
 
 
 if __name__ == "__main__":

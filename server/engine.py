@@ -45,6 +45,7 @@ class SamplingOptions:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # number of top alternatives; 0 = the sampled token's only
     typical_p: float | None = None
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,9 @@ class Engine:
         self.tokenizer = None
 
     async def start(self) -> None:
+        # Our processors implement the V1 model runner's interface. vLLM 0.32 picks Model Runner
+        # V2 on GPUs with Triton, whose loader rejects V1 processors: pin V1 unless told otherwise.
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self._socket_dir = tempfile.TemporaryDirectory(prefix="steer-")
@@ -176,6 +180,7 @@ class Engine:
             seed=options.seed,
             stop=list(options.stop) or None,
             logprobs=options.logprobs,
+            ignore_eos=options.ignore_eos,
             extra_args=extra_args,
             output_kind=RequestOutputKind.DELTA,
         )

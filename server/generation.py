@@ -52,6 +52,7 @@ def sampling_options(request: GenerationRequest, plan: Plan, max_tokens: int | N
         stop=tuple(request.stop_list),
         logprobs=logprobs,
         typical_p=plan.typical_p,
+        ignore_eos=request.ignore_eos,
     )
 
 

@@ -58,6 +58,9 @@ class GenerationRequest(StrictModel):
     user: str | None = None
     typical_p: Annotated[float, Field(gt=0, le=1)] | None = None
     steering: SteeringOptions | None = None
+    ignore_eos: bool = Field(
+        default=False, description="keep generating past end-of-sequence (for benchmarks)"
+    )
     return_token_ids: bool = Field(
         default=False, description="add prompt_token_ids and token_ids to each choice"
     )

@@ -2,38 +2,59 @@
 
 Keep the tokens whose surprisal -log p is closest to the entropy H, in order of |-log p - H|,
 until their probability mass reaches τ (the crossing token is kept, ties at the cut-off too).
-The computation follows HF transformers' `TypicalLogitsWarper` step for step, batched with one τ
-per row, so the kept set is identical to HF's.
+The kept set is the one HF transformers' `TypicalLogitsWarper` computes (with
+min_tokens_to_keep = 1, which the rule always satisfies), batched with one τ per row.
+
+HF sorts the whole vocabulary. The cut-off only depends on the shortest prefix of that order
+holding mass τ, which for language models is a few hundred tokens, so this takes the `k` most
+typical tokens with `topk` (already in sorted order) and widens `k` only for the rows whose
+prefix holds less than τ, up to a full sort. With 16 rows of a 49k vocabulary on one CPU
+thread that is about 3 ms instead of 48 ms for the full sort.
 """
 
 from __future__ import annotations
 
 import torch
 
+FIRST_PREFIX = 256
+PREFIX_GROWTH = 8
 
-def typical_mask(
-    logits: torch.Tensor, mass: torch.Tensor, min_tokens_to_keep: int = 1
-) -> torch.Tensor:
+
+def typical_mask(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     """Boolean mask (rows, vocab), True where a token is *removed* by typical sampling.
 
     logits: (rows, vocab) scores the sampler will draw from (already temperature-scaled).
     mass: (rows,) τ per row in (0, 1]; τ = 1 keeps every token.
     """
     logp = torch.log_softmax(logits, dim=-1)
-    entropy = -(logp.exp() * logp).nansum(dim=-1, keepdim=True)
-    shifted = (-logp - entropy).abs()
-    sorted_shifted, order = torch.sort(shifted, dim=-1)
-    cumulative = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
-    last = (cumulative < mass.to(cumulative.dtype).unsqueeze(1)).sum(dim=-1, keepdim=True)
-    last.clamp_(max=logits.shape[-1] - 1)
-    remove_sorted = sorted_shifted > sorted_shifted.gather(-1, last)
-    remove_sorted[:, :min_tokens_to_keep] = False
-    remove_sorted &= (mass < 1).to(remove_sorted.device).unsqueeze(1)  # τ = 1: sampling untouched
-    return remove_sorted.scatter(-1, order, remove_sorted)
+    probs = logp.exp()
+    entropy = -(probs * logp).nansum(dim=-1, keepdim=True)
+    # |-log p - H| (bit for bit: IEEE negation is exact); masked (-inf) tokens get +inf.
+    shifted = (logp + entropy).abs_()
+    mass = mass.to(device=logits.device, dtype=probs.dtype)
+    threshold = torch.full_like(mass, float("inf"))
+    vocab = logits.shape[-1]
+    rows = torch.nonzero(mass < 1).flatten()
+    k = min(FIRST_PREFIX, vocab)
+    all_rows = rows.numel() == logits.shape[0]
+    while rows.numel():
+        candidates = shifted if all_rows else shifted[rows]
+        values, order = torch.topk(candidates, k, dim=-1, largest=False, sorted=True)
+        cumulative = (probs if all_rows else probs[rows]).gather(-1, order).cumsum(dim=-1)
+        row_mass = mass[rows].unsqueeze(1)
+        reached = cumulative[:, -1] >= row_mass[:, 0]
+        if k < vocab:
+            done = reached
+        else:  # the whole order: cut where HF cuts, clamped to the last token
+            done = torch.ones_like(reached)
+        last = (cumulative[done] < row_mass[done]).sum(dim=-1, keepdim=True).clamp_(max=k - 1)
+        threshold[rows[done]] = values[done].gather(-1, last).squeeze(1)
+        rows = rows[~done]
+        all_rows = False
+        k = min(k * PREFIX_GROWTH, vocab)
+    return shifted > threshold.unsqueeze(1)
 
 
-def apply_typical(
-    logits: torch.Tensor, mass: torch.Tensor, min_tokens_to_keep: int = 1
-) -> torch.Tensor:
+def apply_typical(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     """Set the removed tokens' logits to -inf, in place; returns `logits`."""
-    return logits.masked_fill_(typical_mask(logits, mass, min_tokens_to_keep), float("-inf"))
+    return logits.masked_fill_(typical_mask(logits, mass), float("-inf"))

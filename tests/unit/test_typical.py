@@ -70,3 +70,14 @@ def test_can_exclude_the_argmax():
     logits = torch.tensor([[0.4, 0.3, 0.3]]).log()
     removed = typical_mask(logits, torch.tensor([0.5]))[0]
     assert removed.tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0, 6.0])
+def test_large_vocabulary_every_prefix_width(scale):
+    """A vocabulary wider than the first prefixes: rows end at each widening step."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, 20_000, generator=g) * scale
+    masses = torch.tensor([0.05, 0.3, 0.6, 0.9, 0.99, 0.999])
+    got = typical_mask(logits, masses)
+    for row, mass, removed in zip(logits, masses.tolist(), got):
+        assert torch.equal(removed, torch.isinf(hf_reference(row[None], mass)[0]))
