@@ -1,8 +1,10 @@
 """Benchmark: plain vLLM's OpenAI server vs entropy-steer on the same model and request mix.
 
-Both servers run side by side on loopback and are measured in alternating rounds (plain, then
-each steer scenario, repeated), so machine noise hits both alike. Every request streams, so the
-time to first token is measured; `ignore_eos` keeps every completion exactly `max_tokens` long.
+Both servers run side by side on loopback and are measured in rounds; each round runs every
+scenario once, in a rotated order, after a short pause, so drift and the idle server's
+wind-down hit every scenario alike. The median round of each scenario is reported. Every
+request streams, so the time to first token is measured; `ignore_eos` keeps every completion
+exactly `max_tokens` long.
 Prints per-scenario throughput and median TTFT, and their ratios to plain vLLM.
 """
 
@@ -130,8 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="alternating measurement rounds; the best round of each counts")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="measurement rounds; each scenario's median round is reported")
+    parser.add_argument("--pause", type=float, default=3.0, help="seconds idle before each run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--log-dir", type=Path, default=Path("bench-logs"))
     args = parser.parse_args(argv)
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         "vllm": [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *common,
                  "--port", str(ports["vllm"]), "--disable-uvicorn-access-log"],
         "steer": [sys.executable, "-m", "server.cli", "serve", *common,
-                  "--port", str(ports["steer"])],
+                  "--port", str(ports["steer"]), "--disable-uvicorn-access-log"],
     }
     urls = {k: f"http://127.0.0.1:{p}" for k, p in ports.items()}
     processes = {}
@@ -161,8 +164,11 @@ def main(argv: list[str] | None = None) -> None:
         for key in commands:  # warm-up
             asyncio.run(run_mix(urls[key], name, {}, args.concurrency, args.concurrency, 8))
         results: dict[str, list[RunResult]] = {s: [] for s in SCENARIOS}
+        names = list(SCENARIOS)
         for round_ in range(args.rounds):
-            for scenario, (key, extra) in SCENARIOS.items():
+            for scenario in names[round_ % len(names):] + names[:round_ % len(names)]:
+                key, extra = SCENARIOS[scenario]
+                time.sleep(args.pause)
                 r = asyncio.run(run_mix(urls[key], name, extra, args.requests,
                                         args.concurrency, args.max_tokens))
                 results[scenario].append(r)
@@ -172,11 +178,11 @@ def main(argv: list[str] | None = None) -> None:
         for process in processes.values():
             _stop(process)
 
-    best = {s: max(rs, key=lambda r: r.throughput) for s, rs in results.items()}
+    best = {s: sorted(rs, key=lambda r: r.throughput)[len(rs) // 2] for s, rs in results.items()}
     base = best["plain vLLM"]
     base_ttft = statistics.median(base.ttfts)
     print(f"\n{args.requests} requests x {args.max_tokens} tokens, {args.concurrency} concurrent, "
-          f"best of {args.rounds} rounds\n")
+          f"median of {args.rounds} rounds\n")
     print("| scenario | tok/s | x plain | median TTFT s | x plain |")
     print("|---|---:|---:|---:|---:|")
     table = {}

@@ -32,6 +32,8 @@ def serve_parser():
     parser.add_argument("--port", type=int, default=int(os.environ.get("STEER_PORT", DEFAULT_PORT)))
     parser.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (env STEER_API_KEY)")
+    parser.add_argument("--disable-uvicorn-access-log", action="store_true",
+                        help="no per-request access log lines")
     AsyncEngineArgs.add_cli_args(parser)
     parser.set_defaults(model=None, dtype=None)
     return parser
@@ -72,7 +74,7 @@ def serve(args: argparse.Namespace) -> None:
     model_name = (names[0] if isinstance(names, list) else names) or Path(args.model).name
     app = create_app(Engine(engine_args), model_name=model_name, api_key=args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=30)
+                access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=30)
 
 
 COMMANDS = {
