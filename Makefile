@@ -32,6 +32,7 @@ prometheus:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
 
 test: setup prometheus
+	$(VENV)/bin/ruff check server steering clients tests
 	$(VENV)/bin/pytest -q
 
 test-unit: setup

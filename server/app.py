@@ -4,22 +4,26 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
+from server.artifact_routes import router as artifact_router
 from server.engine import Engine
-from server.errors import install_error_handlers
+from server.errors import PayloadTooLarge, error_response, install_error_handlers
 from server.metrics import SteerMetrics
 from server.routes import ServerState, ops, v1
 
+MAX_BODY_BYTES = 8 << 20
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None,
+
+def create_app(engine: Engine, api_key: str | None = None, admin_key: str | None = None,
                metrics: SteerMetrics | None = None) -> FastAPI:
     """An app that starts `engine` on start-up and shuts it down on exit."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
-        app.state.steer = ServerState(engine, metrics or SteerMetrics(), model_name, api_key)
+        app.state.steer = ServerState(engine, metrics or SteerMetrics(), engine.model_name,
+                                      api_key, admin_key)
         try:
             yield
         finally:
@@ -28,6 +32,16 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     app = FastAPI(title="entropy-steer", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible vLLM server with entropy-based steering")
     install_error_handlers(app)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return error_response(PayloadTooLarge(
+                f"request bodies are limited to {MAX_BODY_BYTES} bytes"))
+        return await call_next(request)
+
     app.include_router(v1)
+    app.include_router(artifact_router)
     app.include_router(ops)
     return app

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from steering.vllm_adapter.layer_steering import DEFAULT_SLOTS
+
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 # On the CPU backend vLLM sizes the KV cache from --gpu-memory-utilization of a NUMA node's
 # memory, which fails on small or shared hosts; a fixed size is the predictable default.
@@ -32,6 +34,15 @@ def serve_parser():
     parser.add_argument("--port", type=int, default=int(os.environ.get("STEER_PORT", DEFAULT_PORT)))
     parser.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (env STEER_API_KEY)")
+    parser.add_argument("--admin-key", default=os.environ.get("STEER_ADMIN_KEY"),
+                        help="required to upload or delete steering artifacts (env "
+                        "STEER_ADMIN_KEY); also accepted as an API key")
+    parser.add_argument("--artifacts-dir", type=Path,
+                        default=os.environ.get("STEER_ARTIFACTS_DIR"),
+                        help="where steering vectors are stored (default: "
+                        "<cache>/artifacts/<served model name>)")
+    parser.add_argument("--vector-slots", type=int, default=DEFAULT_SLOTS,
+                        help="steering vectors resident in the engine at once")
     parser.add_argument("--disable-uvicorn-access-log", action="store_true",
                         help="no per-request access log lines")
     AsyncEngineArgs.add_cli_args(parser)
@@ -67,12 +78,15 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from server.app import create_app
+    from server.default_model import cache_dir
     from server.engine import Engine
 
     engine_args = build_engine_args(args)
     names = engine_args.served_model_name
     model_name = (names[0] if isinstance(names, list) else names) or Path(args.model).name
-    app = create_app(Engine(engine_args), model_name=model_name, api_key=args.api_key)
+    artifacts = args.artifacts_dir or cache_dir() / "artifacts" / model_name.replace("/", "--")
+    engine = Engine(engine_args, model_name, Path(artifacts), vector_slots=args.vector_slots)
+    app = create_app(engine, api_key=args.api_key, admin_key=args.admin_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
                 access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=30)
 

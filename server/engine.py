@@ -6,29 +6,47 @@ token ids, logprobs and the per-token entropy the engine measured; it never sees
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+import torch
+
+from server.errors import EngineBusy, EngineUnavailable, InvalidRequest, NotFound
+from steering.artifacts import ArtifactNotFound, VectorStore
+from steering.vllm_adapter.layer_steering import DEFAULT_SLOTS
 from steering.vllm_adapter.logits_processors import (
     EntropyTelemetryProcessor,
     ExtraArgs,
+    SteeringRowsProcessor,
     TypicalLogitsProcessor,
 )
 from steering.vllm_adapter.telemetry import EntropyTrace, TelemetryCollector
-
-from server.errors import EngineUnavailable, InvalidRequest
 
 logger = logging.getLogger("entropy_steer.engine")
 
 # How long a finished request waits for its last entropy values (sent before the token itself,
 # so this only matters when the engine process is overloaded or dying).
 TELEMETRY_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class EastSpec:
+    """One steering vector in a request: `layers` None means the vector's own layer."""
+
+    vector: str
+    scale: float
+    layers: tuple[int, ...] | None = None
+    all_positions: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,7 @@ class SamplingOptions:
     logprobs: int | None = None  # number of top alternatives; 0 = the sampled token's only
     typical_p: float | None = None
     ignore_eos: bool = False
+    east: tuple[EastSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,11 +87,66 @@ class ChoiceDelta:
     trace: EntropyTrace | None = field(default=None, repr=False)  # complete, on the last delta
 
 
-class Engine:
-    """vLLM `AsyncLLM` plus the telemetry collector, owned by the API process."""
+class VectorSlots:
+    """Which stored vector sits in which slot of the engine's steering table.
 
-    def __init__(self, engine_args) -> None:
+    A slot in use by a running request is never reassigned; otherwise the least recently used
+    slot is refilled (one `collective_rpc` to every worker) when a request needs a vector that
+    is not resident. Keys include the vector's creation time, so a re-uploaded vector of the
+    same name gets fresh values.
+    """
+
+    def __init__(self, llm, count: int) -> None:
+        self._llm = llm
+        self._count = count
+        self._key_of: dict[int, tuple[str, float]] = {}
+        self._slot_of: dict[tuple[str, float], int] = {}
+        self._users = [0] * count
+        self._last_used = [0.0] * count
+        self._lock = asyncio.Lock()
+
+    async def acquire(self, vectors: list[tuple[str, float, torch.Tensor]]) -> list[int]:
+        async with self._lock:
+            slots = []
+            for name, created, values in vectors:
+                key = (name, created)
+                slot = self._slot_of.get(key)
+                if slot is None:
+                    free = [i for i in range(self._count) if self._users[i] == 0 and i not in slots]
+                    if not free:
+                        self.release(slots)
+                        raise EngineBusy(f"all {self._count} steering-vector slots are in use by "
+                                         "running requests; retry shortly")
+                    slot = min(free, key=lambda i: self._last_used[i])
+                    old = self._key_of.pop(slot, None)
+                    if old is not None:
+                        del self._slot_of[old]
+                    await self._llm.collective_rpc("steer_set_vector",
+                                                   args=(slot, values.tolist()))
+                    self._key_of[slot], self._slot_of[key] = key, slot
+                self._users[slot] += 1
+                self._last_used[slot] = time.monotonic()
+                slots.append(slot)
+            return slots
+
+    def release(self, slots: list[int]) -> None:
+        for slot in slots:
+            self._users[slot] -= 1
+
+
+class Engine:
+    """vLLM `AsyncLLM`, the telemetry collector and the steering vectors, owned by the API
+    process."""
+
+    def __init__(self, engine_args, model_name: str, artifacts_dir: Path,
+                 vector_slots: int = DEFAULT_SLOTS) -> None:
         self._engine_args = engine_args
+        self.model_name = model_name
+        self._artifacts_dir = artifacts_dir
+        self._slot_count = vector_slots
+        self._slots: VectorSlots | None = None
+        self.vectors: VectorStore | None = None
+        self.num_layers = 0
         self._llm = None
         self._collector: TelemetryCollector | None = None
         self._socket_dir: tempfile.TemporaryDirectory | None = None
@@ -95,14 +169,22 @@ class Engine:
             *(args.logits_processors or []),
             TypicalLogitsProcessor,
             EntropyTelemetryProcessor,
+            SteeringRowsProcessor,
         ]
+        args.worker_extension_cls = "steering.vllm_adapter.worker.SteeringWorkerExtension"
         additional = dict(args.additional_config or {})
-        additional["entropy_steer"] = {"telemetry_address": address}
+        additional["entropy_steer"] = {"telemetry_address": address,
+                                       "layer_steering": {"slots": self._slot_count}}
         args.additional_config = additional
         self._llm = AsyncLLM.from_engine_args(args)
         self.max_model_len = self._llm.model_config.max_model_len
         self.vocab_size = self._llm.model_config.get_vocab_size()
         self.tokenizer = self._llm.get_tokenizer()
+        table = (await self._llm.collective_rpc("steer_install"))[0]
+        self.num_layers = table["layers"]
+        self._slots = VectorSlots(self._llm, table["slots"])
+        self.vectors = VectorStore(self._artifacts_dir / "vectors", self.model_name,
+                                   table["hidden_size"], self.num_layers)
 
     async def shutdown(self) -> None:
         if self._llm is not None:
@@ -150,6 +232,9 @@ class Engine:
                 f"{self.max_model_len}",
                 "prompt",
             )
+        options = replace(options, east=tuple(
+            self._resolve_east(spec, "steering.east" + (f".{i}" if len(options.east) > 1 else ""))
+            for i, spec in enumerate(options.east)))
         if options.max_tokens is None:
             return replace(options, max_tokens=room)
         if options.max_tokens > room:
@@ -160,13 +245,32 @@ class Engine:
             )
         return options
 
-    def _sampling_params(self, options: SamplingOptions, steer_id: str):
+    def _resolve_east(self, spec: EastSpec, param: str) -> EastSpec:
+        """Check a vector use against the store; fill in the vector's own layer."""
+        try:
+            _, meta = self.vectors.get(spec.vector)
+        except ArtifactNotFound:
+            raise NotFound(f"no steering vector named '{spec.vector}'", f"{param}.vector",
+                           "vector_not_found") from None
+        layers = spec.layers if spec.layers is not None else (meta.layer,)
+        for layer in layers:
+            if not 0 <= layer < self.num_layers:
+                raise InvalidRequest(f"layer {layer} is outside [0, {self.num_layers})",
+                                     f"{param}.layers")
+        return replace(spec, layers=tuple(layers))
+
+    def _sampling_params(self, options: SamplingOptions, steer_id: str,
+                         east_slots: list[int]):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         extra_args = {ExtraArgs.STEER_ID: steer_id}
         if options.typical_p is not None and options.typical_p < 1:
             extra_args[ExtraArgs.TYPICAL_P] = options.typical_p
+        if options.east:
+            extra_args[ExtraArgs.EAST] = [
+                [slot, spec.scale, layer, int(spec.all_positions)]
+                for slot, spec in zip(east_slots, options.east) for layer in spec.layers]
         return SamplingParams(
             n=1,
             max_tokens=options.max_tokens,
@@ -192,20 +296,25 @@ class Engine:
         *,
         entropy_per_delta: bool,
     ) -> AsyncIterator[ChoiceDelta]:
-        """Generate one choice (`options` as returned by `admit`). With `entropy_per_delta`, every delta waits for its tokens'
-        entropy values; otherwise deltas carry what has arrived and only the last one waits."""
+        """Generate one choice (`options` as returned by `admit`).
+
+        With `entropy_per_delta`, every delta waits for its tokens' entropy values; otherwise
+        deltas carry what has arrived and only the last one waits."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if not self.healthy:
             raise EngineUnavailable("the engine is not running")
         request_id = f"steer-{uuid.uuid4().hex}"
-        params = self._sampling_params(options, request_id)
+        vectors = [(spec.vector, *self._vector_version(spec.vector)) for spec in options.east]
+        east_slots = await self._slots.acquire(vectors) if vectors else []
         trace = self._collector.register(request_id)
         produced = 0
         try:
-            stream = self._llm.generate(
-                {"prompt_token_ids": prompt_token_ids}, params, request_id=request_id
-            )
+            params = self._sampling_params(options, request_id, east_slots)
+            prompt = {"prompt_token_ids": prompt_token_ids}
+            if options.east:  # steered KV cache must never be shared with other requests
+                prompt["cache_salt"] = _steering_fingerprint(options.east, vectors)
+            stream = self._llm.generate(prompt, params, request_id=request_id)
             async with contextlib.aclosing(stream):
                 async for output in stream:
                     completion = output.outputs[0]
@@ -231,11 +340,26 @@ class Engine:
             raise InvalidRequest(str(exc)) from exc
         finally:
             self._collector.unregister(request_id)
+            self._slots.release(east_slots)
+
+    def _vector_version(self, name: str) -> tuple[float, torch.Tensor]:
+        try:
+            values, meta = self.vectors.get(name)
+        except ArtifactNotFound:  # deleted between admission and start
+            raise NotFound(f"no steering vector named '{name}'") from None
+        return meta.created, values
 
     def prometheus_registry(self):
         from vllm.v1.metrics.prometheus import get_prometheus_registry
 
         return get_prometheus_registry()
+
+
+def _steering_fingerprint(specs: tuple[EastSpec, ...], vectors) -> str:
+    """Requests with identical steering may share KV-cache blocks; nothing else may."""
+    parts = [(name, created, spec.scale, spec.layers, spec.all_positions)
+             for spec, (name, created, _) in zip(specs, vectors)]
+    return "east:" + hashlib.sha256(repr(sorted(parts)).encode()).hexdigest()
 
 
 def _window(values: list[float], start: int, stop: int) -> list[float | None]:

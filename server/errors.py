@@ -9,7 +9,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-
 logger = logging.getLogger("entropy_steer.errors")
 
 
@@ -36,6 +35,18 @@ class NotFound(APIError):
     status, type = 404, "not_found_error"
 
 
+class Forbidden(APIError):
+    status, type = 403, "permission_error"
+
+
+class PayloadTooLarge(APIError):
+    status, type = 413, "invalid_request_error"
+
+
+class EngineBusy(APIError):
+    status, type = 429, "rate_limit_error"
+
+
 class EngineUnavailable(APIError):
     status, type = 503, "service_unavailable"
 
@@ -55,8 +66,10 @@ def error_response(exc: APIError) -> JSONResponse:
 
 def _validation_param(loc: tuple) -> str | None:
     """Dotted field path of a pydantic error, without the 'body' root and union branch names."""
-    # pydantic names union branches ('constrained-str', 'list[int]'); field names have neither.
-    parts = [str(p) for p in loc[1:] if not (isinstance(p, str) and ("[" in p or "-" in p))]
+    # pydantic names union branches ('constrained-str', 'list[int]', 'EastOptions'); our field
+    # names are snake_case, so a part with '[', '-' or a capital is a branch name.
+    parts = [str(p) for p in loc[1:]
+             if not (isinstance(p, str) and ("[" in p or "-" in p or p[:1].isupper()))]
     return ".".join(parts) or None
 
 
@@ -87,7 +100,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException):
-        kinds = {401: Unauthorized, 404: NotFound}
+        kinds = {401: Unauthorized, 403: Forbidden, 404: NotFound}
         cls = kinds.get(exc.status_code)
         if cls is not None:
             return error_response(cls(str(exc.detail)))

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from server.engine import ChoiceDelta, Engine, SamplingOptions, TokenLogprob
+from server.engine import ChoiceDelta, EastSpec, Engine, SamplingOptions, TokenLogprob
 from server.metrics import SteerMetrics
 from server.protocol import GenerationRequest
 
@@ -20,16 +20,22 @@ class Plan:
 
     typical_p: float | None
     return_entropy: bool
+    east: tuple[EastSpec, ...] = ()
 
     @classmethod
     def of(cls, request: GenerationRequest) -> Plan:
         mass = request.typical_mass
+        east = tuple(EastSpec(vector=o.vector, scale=o.scale,
+                              layers=tuple(o.layers) if o.layers else None,
+                              all_positions=o.positions == "all")
+                     for o in request.east_options)
         return cls(typical_p=mass if mass is not None and mass < 1 else None,
-                   return_entropy=request.return_entropy)
+                   return_entropy=request.return_entropy, east=east)
 
     @property
     def methods(self) -> tuple[str, ...]:
-        return ("typical",) if self.typical_p is not None else ()
+        return tuple(name for name, used in (("east", bool(self.east)),
+                                             ("typical", self.typical_p is not None)) if used)
 
     @property
     def label(self) -> str:
@@ -52,6 +58,7 @@ def sampling_options(request: GenerationRequest, plan: Plan, max_tokens: int | N
         stop=tuple(request.stop_list),
         logprobs=logprobs,
         typical_p=plan.typical_p,
+        east=plan.east,
         ignore_eos=request.ignore_eos,
     )
 
@@ -89,11 +96,15 @@ def _summary(values: list[float | None]) -> dict:
     return {"mean": sum(known) / len(known), "max": max(known), "last": known[-1]}
 
 
-def steering_report(plan: Plan, result: ChoiceResult) -> dict:
-    """The per-choice `steering` object of a finished choice."""
+def steering_report(plan: Plan, result: ChoiceResult, options: SamplingOptions) -> dict:
+    """The per-choice `steering` object of a finished choice (`options` as admitted)."""
     report: dict = {"methods": list(plan.methods)}
     if plan.typical_p is not None:
         report["typical"] = {"p": plan.typical_p}
+    if options.east:
+        report["east"] = [{"vector": e.vector, "scale": e.scale, "layers": list(e.layers),
+                           "positions": "all" if e.all_positions else "generated"}
+                          for e in options.east]
     report["entropy"] = _summary(result.entropy)
     report["varentropy"] = _summary(result.varentropy)
     if plan.return_entropy:
@@ -117,6 +128,9 @@ class Generation:
     @property
     def completion_tokens(self) -> int:
         return sum(len(r.token_ids) for r in self.results)
+
+    def report(self, index: int) -> dict:
+        return steering_report(self.plan, self.results[index], self.jobs[index][1])
 
     def usage(self) -> dict:
         return {
@@ -162,6 +176,8 @@ class Generation:
                 result.add(item)
                 if item.finish_reason is not None:
                     self.metrics.observe_tokens(*labels, result.entropy, result.varentropy)
+                    if self.plan.east:
+                        self.metrics.steered_tokens.labels(*labels).inc(len(result.token_ids))
                 yield index, item
             self.metrics.e2e.labels(*labels).observe(time.monotonic() - self.arrival)
         except BaseException as exc:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
-ENTROPY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 11.0)
+ENTROPY_BUCKETS = (
+    0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 11.0)
 VARENTROPY_BUCKETS = (0.01, 0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -22,7 +23,8 @@ class SteerMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.token_entropy = Histogram(
             "steer_token_entropy_nats",
-            "Entropy of each generated token's distribution (temperature-scaled, before truncation)",
+            "Entropy of each generated token's distribution "
+            "(temperature-scaled, before truncation)",
             LABELS, buckets=ENTROPY_BUCKETS, registry=registry,
         )
         self.token_varentropy = Histogram(
@@ -39,6 +41,10 @@ class SteerMetrics:
         )
         self.generated_tokens = Counter(
             "steer_generated_tokens", "Generated tokens", LABELS, registry=registry
+        )
+        self.steered_tokens = Counter(
+            "steer_steered_tokens", "Generated tokens whose residual stream was steered (EAST)",
+            LABELS, registry=registry,
         )
         self.ttft = Histogram(
             "steer_time_to_first_token_seconds",

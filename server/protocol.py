@@ -14,6 +14,9 @@ MAX_N = 16
 MAX_STOP_SEQUENCES = 8
 MAX_LOGPROBS = 20
 MAX_PROMPTS = 16
+MAX_VECTORS_PER_REQUEST = 4
+MAX_EAST_SCALE = 1000.0
+MAX_VECTOR_VALUES = 65536
 
 
 class StrictModel(BaseModel):
@@ -26,10 +29,27 @@ class TypicalOptions(StrictModel):
     p: Annotated[float, Field(gt=0, le=1, description="typical mass τ in (0, 1]; 1 turns it off")]
 
 
+class EastOptions(StrictModel):
+    """EAST (Rahn et al. 2024): add `scale` × a stored vector to the residual stream."""
+
+    vector: Annotated[str, Field(min_length=1, max_length=64, description="stored vector name")]
+    scale: Annotated[float, Field(ge=-MAX_EAST_SCALE, le=MAX_EAST_SCALE)] = 1.0
+    layers: Annotated[
+        list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=8)
+    ] | None = Field(default=None, description="decoder layers (default: the vector's own)")
+    positions: Literal["generated", "all"] = Field(
+        default="generated",
+        description="'generated': every position that predicts a generated token (the last "
+        "prompt token on); 'all': prompt positions too")
+
+
 class SteeringOptions(StrictModel):
     """Per-request steering methods and reporting."""
 
     typical: TypicalOptions | None = None
+    east: EastOptions | Annotated[
+        list[EastOptions], Field(min_length=1, max_length=MAX_VECTORS_PER_REQUEST)
+    ] | None = Field(default=None, description="one vector or a list whose effects add up")
     return_entropy: bool = Field(
         default=False, description="add per-token entropy and varentropy lists to the response"
     )
@@ -78,6 +98,13 @@ class GenerationRequest(StrictModel):
         if self.steering and self.steering.typical:
             return self.steering.typical.p
         return None
+
+    @property
+    def east_options(self) -> list[EastOptions]:
+        east = self.steering.east if self.steering else None
+        if east is None:
+            return []
+        return east if isinstance(east, list) else [east]
 
     @property
     def return_entropy(self) -> bool:
@@ -147,3 +174,15 @@ class ChatCompletionRequest(GenerationRequest):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+class VectorUpload(StrictModel):
+    """A steering vector uploaded over HTTP."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    values: Annotated[list[float], Field(min_length=1, max_length=MAX_VECTOR_VALUES)]
+    layer: Annotated[int, Field(ge=0)]
+    model: str | None = Field(default=None, description="must be the served model if given")
+    method: Annotated[str, Field(max_length=64)] = "uploaded"
+    source: Annotated[str, Field(max_length=1024)] = ""
+    description: Annotated[str, Field(max_length=4096)] = ""

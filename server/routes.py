@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.engine import Engine, TokenLogprob
 from server.errors import NotFound, Unauthorized
-from server.generation import ChoiceResult, Generation, Plan, sampling_options, steering_report
+from server.generation import ChoiceResult, Generation, Plan, sampling_options
 from server.metrics import SteerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 
@@ -24,9 +24,9 @@ class ServerState:
     """What the routes need, stored on `app.state.steer`."""
 
     def __init__(self, engine: Engine, metrics: SteerMetrics, model_name: str,
-                 api_key: str | None) -> None:
-        self.engine, self.metrics, self.model_name, self.api_key = (
-            engine, metrics, model_name, api_key)
+                 api_key: str | None, admin_key: str | None = None) -> None:
+        self.engine, self.metrics, self.model_name = engine, metrics, model_name
+        self.api_key, self.admin_key = api_key, admin_key
         self.created = int(time.time())
 
 
@@ -34,15 +34,20 @@ def get_state(request: Request) -> ServerState:
     return request.app.state.steer
 
 
+def bearer_token(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 def require_api_key(request: Request, state: ServerState = Depends(get_state)) -> None:
-    """Bearer token check for /v1/*, in constant time."""
+    """Bearer token check for /v1/*, in constant time; the admin key is accepted too."""
     if state.api_key is None:
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        token.strip().encode(), state.api_key.encode()
-    ):
+    token = bearer_token(request).encode()
+    valid = hmac.compare_digest(token, state.api_key.encode())
+    if state.admin_key is not None:
+        valid |= hmac.compare_digest(token, state.admin_key.encode())
+    if not valid:
         raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer KEY')")
 
 
@@ -100,7 +105,7 @@ async def completions(body: CompletionRequest, request: Request,
                 choice = {"index": index, "text": delta.text,
                           "logprobs": _completion_logprobs(delta.logprobs, 0),
                           "finish_reason": delta.finish_reason}
-                _attach_stream_steering(choice, plan, delta, generation.results[index])
+                _attach_stream_steering(choice, generation, index, delta)
                 if body.return_token_ids:
                     choice["token_ids"] = delta.token_ids
                 yield envelope([choice])
@@ -112,7 +117,7 @@ async def completions(body: CompletionRequest, request: Request,
     return {**envelope([{
         "index": r.index, "text": r.text,
         "logprobs": _completion_logprobs(r.logprobs, 0) if body.logprobs is not None else None,
-        "finish_reason": r.finish_reason, "steering": steering_report(plan, r),
+        "finish_reason": r.finish_reason, "steering": generation.report(r.index),
         **_token_ids(body, generation, r),
     } for r in results]), "usage": generation.usage()}
 
@@ -145,7 +150,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                 choice = {"index": index, "delta": {"content": delta.text},
                           "logprobs": _chat_logprobs(delta.logprobs) if body.logprobs else None,
                           "finish_reason": delta.finish_reason}
-                _attach_stream_steering(choice, plan, delta, generation.results[index])
+                _attach_stream_steering(choice, generation, index, delta)
                 if body.return_token_ids:
                     choice["token_ids"] = delta.token_ids
                 yield envelope("chat.completion.chunk", [choice])
@@ -157,7 +162,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     return {**envelope("chat.completion", [{
         "index": r.index, "message": {"role": "assistant", "content": r.text},
         "logprobs": _chat_logprobs(r.logprobs) if body.logprobs else None,
-        "finish_reason": r.finish_reason, "steering": steering_report(plan, r),
+        "finish_reason": r.finish_reason, "steering": generation.report(r.index),
         **_token_ids(body, generation, r),
     } for r in results]), "usage": generation.usage()}
 
@@ -168,10 +173,11 @@ def _token_ids(body: GenerationRequest, generation: Generation, result: ChoiceRe
     return {"prompt_token_ids": generation.jobs[result.index][0], "token_ids": result.token_ids}
 
 
-def _attach_stream_steering(choice: dict, plan: Plan, delta, result: ChoiceResult) -> None:
+def _attach_stream_steering(choice: dict, generation: Generation, index: int, delta) -> None:
     """Per-token entropy on every chunk when asked; the full report on a choice's last chunk."""
+    plan = generation.plan
     if delta.finish_reason is not None:
-        choice["steering"] = steering_report(plan, result)
+        choice["steering"] = generation.report(index)
         if plan.return_entropy:  # the chunk's own tokens, like every other chunk
             choice["steering"]["chunk_entropy"] = delta.entropy
             choice["steering"]["chunk_varentropy"] = delta.varentropy

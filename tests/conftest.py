@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 API_KEY = "test-key"
+ADMIN_KEY = "test-admin-key"
 START_TIMEOUT_S = 600
 
 
@@ -32,11 +33,16 @@ class ServerProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def start_server(log_path: Path, *extra: str, api_key: str | None = API_KEY) -> ServerProcess:
+def start_server(log_path: Path, *extra: str, api_key: str | None = API_KEY,
+                 admin_key: str | None = ADMIN_KEY) -> ServerProcess:
+    """`steer serve` in vLLM's default (compiled) mode, artifacts in a folder of its own."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *extra]
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port),
+           "--artifacts-dir", str(log_path.parent / "artifacts"), *extra]
     if api_key:
         cmd += ["--api-key", api_key]
+    if admin_key:
+        cmd += ["--admin-key", admin_key]
     log = open(log_path, "w")
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -76,6 +82,13 @@ def server(tmp_path_factory) -> ServerProcess:
 def http(server) -> httpx.Client:
     with httpx.Client(base_url=server.base_url, timeout=120,
                       headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def admin_http(server) -> httpx.Client:
+    with httpx.Client(base_url=server.base_url, timeout=120,
+                      headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
         yield client
 
 

@@ -19,6 +19,7 @@ from vllm.v1.sample.logits_processor import (
     MoveDirectionality,
 )
 
+from steering.east import RequestSteering, VectorUse
 from steering.entropy import entropy_varentropy
 from steering.typical import apply_typical
 from steering.vllm_adapter.telemetry import StepTelemetry, TelemetryPublisher
@@ -34,6 +35,8 @@ class ExtraArgs:
 
     STEER_ID = "steer_id"  # str: routes the request's telemetry back to the API process
     TYPICAL_P = "typical_p"  # float in (0, 1): locally typical sampling mass
+    # list of [table slot, scale, layer, prompt positions too (0/1)]: residual-stream vectors
+    EAST = "steer_east"
 
 
 def telemetry_address(vllm_config: VllmConfig) -> str | None:
@@ -58,7 +61,8 @@ class RowStateProcessor(LogitsProcessor, Generic[RowState]):
         self.changed = False
 
     @abstractmethod
-    def row_state(self, params: SamplingParams, output_token_ids: list[int]) -> RowState | None:
+    def row_state(self, params: SamplingParams, prompt_token_ids: list[int] | None,
+                  output_token_ids: list[int]) -> RowState | None:
         """State for a newly added request, or None when this processor ignores it."""
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
@@ -68,8 +72,8 @@ class RowStateProcessor(LogitsProcessor, Generic[RowState]):
         for index in batch_update.removed:
             if rows.pop(index, None) is not None:
                 self.changed = True
-        for index, params, _prompt, output_token_ids in batch_update.added:
-            state = self.row_state(params, output_token_ids)
+        for index, params, prompt_token_ids, output_token_ids in batch_update.added:
+            state = self.row_state(params, prompt_token_ids, output_token_ids)
             if state is not None:
                 rows[index] = state
                 self.changed = True
@@ -109,7 +113,8 @@ class TypicalLogitsProcessor(RowStateProcessor[float]):
     def is_argmax_invariant(self) -> bool:
         return True
 
-    def row_state(self, params: SamplingParams, output_token_ids: list[int]) -> float | None:
+    def row_state(self, params: SamplingParams, prompt_token_ids: list[int] | None,
+                  output_token_ids: list[int]) -> float | None:
         mass = (params.extra_args or {}).get(ExtraArgs.TYPICAL_P)
         if mass is None or mass >= 1 or params.temperature < _GREEDY_EPS:
             return None
@@ -163,9 +168,8 @@ class EntropyTelemetryProcessor(RowStateProcessor[_TelemetryRow]):
     def is_argmax_invariant(self) -> bool:
         return False
 
-    def row_state(
-        self, params: SamplingParams, output_token_ids: list[int]
-    ) -> _TelemetryRow | None:
+    def row_state(self, params: SamplingParams, prompt_token_ids: list[int] | None,
+                  output_token_ids: list[int]) -> _TelemetryRow | None:
         steer_id = (params.extra_args or {}).get(ExtraArgs.STEER_ID)
         if self._publisher is None or not isinstance(steer_id, str):
             return None
@@ -205,3 +209,26 @@ def _is_output_rank() -> bool:
         return parallel_state.get_tensor_model_parallel_rank() == 0
     except AssertionError:  # parallel groups not initialised (single process)
         return True
+
+
+class SteeringRowsProcessor(RowStateProcessor[RequestSteering]):
+    """Tracks which batch rows carry residual-stream steering (EAST), for the worker's
+    per-step coefficient filler. It never changes the logits: vLLM keeps logits processors in
+    step with its persistent batch, which is exactly the bookkeeping the filler needs."""
+
+    def is_argmax_invariant(self) -> bool:
+        return True  # a no-op on logits; skipped for all-greedy batches
+
+    def row_state(self, params: SamplingParams, prompt_token_ids: list[int] | None,
+                  output_token_ids: list[int]) -> RequestSteering | None:
+        uses = (params.extra_args or {}).get(ExtraArgs.EAST)
+        if not uses:
+            return None
+        return RequestSteering(
+            uses=tuple(VectorUse(int(slot), float(scale), int(layer), bool(all_positions))
+                       for slot, scale, layer, all_positions in uses),
+            prompt_len=len(prompt_token_ids or ()),
+        )
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits

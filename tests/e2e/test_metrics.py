@@ -1,6 +1,5 @@
 """/metrics content, a real Prometheus scraping it, and aborts on client disconnect."""
 
-import re
 import shutil
 import subprocess
 import time

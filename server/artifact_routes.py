@@ -1,0 +1,76 @@
+"""Steering artifacts over HTTP: /v1/steering/vectors (list, get, upload, delete).
+
+Reads need the API key (when set); writes need the admin key (when set). Listings show
+metadata only, never file-system paths.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import asdict
+
+from fastapi import APIRouter, Depends, Request
+
+from server.errors import Forbidden, InvalidRequest, NotFound
+from server.protocol import VectorUpload
+from server.routes import ServerState, bearer_token, get_state, require_api_key
+from steering.artifacts import ArtifactError, ArtifactNotFound, check_name
+
+router = APIRouter(prefix="/v1/steering", dependencies=[Depends(require_api_key)])
+
+
+def require_admin_key(request: Request, state: ServerState = Depends(get_state)) -> None:
+    if state.admin_key is None:
+        return
+    if not hmac.compare_digest(bearer_token(request).encode(), state.admin_key.encode()):
+        raise Forbidden("writing steering artifacts needs the admin key "
+                        "('Authorization: Bearer ADMIN_KEY')")
+
+
+def _vector_record(meta) -> dict:
+    return {"object": "steering.vector", "id": meta.name, **asdict(meta)}
+
+
+def _name(name: str) -> str:
+    try:
+        return check_name(name)
+    except ArtifactError as exc:
+        raise InvalidRequest(str(exc), "name") from None
+
+
+@router.get("/vectors")
+async def list_vectors(state: ServerState = Depends(get_state)):
+    return {"object": "list", "data": [_vector_record(m) for m in state.engine.vectors.list()]}
+
+
+@router.get("/vectors/{name}")
+async def get_vector(name: str, include_values: bool = False,
+                     state: ServerState = Depends(get_state)):
+    try:
+        values, meta = state.engine.vectors.get(_name(name))
+    except ArtifactNotFound:
+        raise NotFound(f"no steering vector named '{name}'", "name", "vector_not_found") from None
+    record = _vector_record(meta)
+    if include_values:
+        record["values"] = values.tolist()
+    return record
+
+
+@router.post("/vectors", status_code=201, dependencies=[Depends(require_admin_key)])
+async def upload_vector(body: VectorUpload, state: ServerState = Depends(get_state)):
+    try:
+        meta = state.engine.vectors.put(
+            _name(body.name), body.values, body.layer, method=body.method, source=body.source,
+            description=body.description, model=body.model)
+    except ArtifactError as exc:
+        raise InvalidRequest(str(exc), exc.param) from None
+    return _vector_record(meta)
+
+
+@router.delete("/vectors/{name}", dependencies=[Depends(require_admin_key)])
+async def delete_vector(name: str, state: ServerState = Depends(get_state)):
+    try:
+        state.engine.vectors.delete(_name(name))
+    except ArtifactNotFound:
+        raise NotFound(f"no steering vector named '{name}'", "name", "vector_not_found") from None
+    return {"object": "steering.vector.deleted", "id": name, "deleted": True}

@@ -1,0 +1,57 @@
+"""EAST, entropic activation steering (Rahn, D'Oro, Bellemare 2024, arXiv 2406.00244), engine-free.
+
+A steering vector u is added, scaled by β, to the residual stream after decoder layer l:
+h_l ← h_l + β·u. This module builds the per-token coefficients that say which vector applies to
+which token row of an engine step, with which scale, at which layer; the engine adapter turns
+them into `coefficients @ vectors` inside the model.
+
+Positions: "generated" steers every position that predicts a generated token, i.e. the last
+prompt token and every generated token (so the first generated token is already steered, which
+matters when the answer is a single token); "all" steers every position, prompt included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class VectorUse:
+    """One vector applied by one request: table slot, scale β, decoder layer, and whether
+    prompt positions are steered too."""
+
+    slot: int
+    scale: float
+    layer: int
+    all_positions: bool = False
+
+
+@dataclass(frozen=True)
+class RequestSteering:
+    """A request's vector uses and its prompt length (which tells generated positions from
+    prompt positions)."""
+
+    uses: tuple[VectorUse, ...]
+    prompt_len: int
+
+    def first_steered_position(self, use: VectorUse) -> int:
+        return 0 if use.all_positions else max(self.prompt_len - 1, 0)
+
+
+def fill_coefficients(
+    coefficients: np.ndarray,
+    steered: list[tuple[RequestSteering, int, int, int]],
+) -> None:
+    """Write one step's coefficients (layers, tokens, slots), zero elsewhere is the caller's.
+
+    steered: (steering, first token row, end token row, positions computed before the step)
+    for each steered request of the step. Token row r of a request sits at sequence position
+    computed + (r - first row).
+    """
+    for steering, start, end, computed in steered:
+        for use in steering.uses:
+            first = start + max(steering.first_steered_position(use) - computed, 0)
+            if first < end:
+                coefficients[use.layer, first:end, use.slot] += use.scale

@@ -1,0 +1,36 @@
+"""vLLM general plugin (entry point `vllm.general_plugins`), loaded in every vLLM process.
+
+It wraps model loading so that, for engines started by entropy-steer (recognised by
+`additional_config["entropy_steer"]["layer_steering"]`), the decoder layers become steerable
+before vLLM compiles the model. Any other vLLM engine in the same environment is untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+def steering_options(vllm_config) -> dict | None:
+    options = (vllm_config.additional_config or {}).get("entropy_steer") or {}
+    return options.get("layer_steering")
+
+
+def register() -> None:
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    original = BaseModelLoader.load_model
+    if getattr(original, "_entropy_steer", False):  # plugins may load several times
+        return
+
+    @functools.wraps(original)
+    def load_model(self, vllm_config, model_config, prefix: str = ""):
+        model = original(self, vllm_config, model_config, prefix)
+        options = steering_options(vllm_config)
+        if options:
+            from steering.vllm_adapter.layer_steering import install_steerable_layers
+
+            install_steerable_layers(model, vllm_config, slots=int(options.get("slots", 8)))
+        return model
+
+    load_model._entropy_steer = True
+    BaseModelLoader.load_model = load_model

@@ -1,0 +1,165 @@
+"""EAST inside the real engine, in vLLM's default compiled mode, against an HF reference."""
+
+import asyncio
+
+import pytest
+import torch
+
+MODEL = "SmolLM2-135M-Instruct"
+LAYER = 12
+PROMPTS = ["The best thing about mornings is", "My plan for the weekend:",
+           "Q: What is the capital of Spain?\nA:"]
+
+
+def direction(hf_model, seed: int) -> torch.Tensor:
+    """A unit direction scaled to the typical norm of the layer's activations."""
+    model, tokenizer = hf_model
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(model.config.hidden_size, generator=g)
+    with torch.no_grad():
+        hidden = model(torch.tensor([tokenizer.encode(PROMPTS[0])]),
+                       output_hidden_states=True).hidden_states[LAYER + 1][0]
+    return u / u.norm() * hidden.norm(dim=-1).mean()
+
+
+@pytest.fixture(scope="module")
+def vectors(admin_http, hf_model):
+    made = {}
+    for name, seed in (("dir-a", 1), ("dir-b", 2)):
+        u = direction(hf_model, seed)
+        r = admin_http.post("/v1/steering/vectors", json={
+            "name": name, "values": u.tolist(), "layer": LAYER, "method": "test",
+            "description": "random direction"})
+        assert r.status_code == 201, r.text
+        made[name] = u
+    yield made
+    for name in made:
+        admin_http.delete(f"/v1/steering/vectors/{name}")
+
+
+def hf_steered_greedy(hf_model, prompt_ids, steps, uses, all_positions=False):
+    """HF generate with forward hooks adding scale * u at the layer output, on the positions
+    that predict generated tokens (or all)."""
+    model, _ = hf_model
+    hooks = []
+    for u, scale, layer in uses:
+        def hook(module, args, output, u=u, scale=scale):
+            hidden = output[0] if isinstance(output, tuple) else output
+            start = 0 if (all_positions or hidden.shape[1] == 1) else len(prompt_ids) - 1
+            hidden = hidden.clone()
+            hidden[:, start:] += scale * u
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        hooks.append(model.model.layers[layer].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=steps,
+                                 do_sample=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out[0, len(prompt_ids):].tolist()
+
+
+def complete(openai_client, prompt, steering=None, max_tokens=16):
+    body = {"return_token_ids": True}
+    if steering:
+        body["steering"] = steering
+    reply = openai_client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens,
+                                             temperature=0, extra_body=body)
+    return reply.choices[0].model_extra
+
+
+@pytest.mark.parametrize("positions", ["generated", "all"])
+def test_vllm_steering_equals_hf_hook_reference(openai_client, hf_model, vectors, positions):
+    changed = 0
+    for prompt in PROMPTS:
+        plain = complete(openai_client, prompt)
+        steered = complete(openai_client, prompt, {"east": {
+            "vector": "dir-a", "scale": 4.0, "positions": positions}})
+        reference = hf_steered_greedy(hf_model, steered["prompt_token_ids"], 16,
+                                      [(vectors["dir-a"], 4.0, LAYER)],
+                                      all_positions=positions == "all")
+        assert steered["token_ids"] == reference, prompt
+        assert steered["steering"]["methods"] == ["east"]
+        assert steered["steering"]["east"] == [{"vector": "dir-a", "scale": 4.0,
+                                                "layers": [LAYER], "positions": positions}]
+        changed += steered["token_ids"] != plain["token_ids"]
+    assert changed >= 2, "steering should change most greedy outputs (else the test is void)"
+
+
+def test_two_vectors_and_other_layers_add_up(openai_client, hf_model, vectors):
+    prompt = PROMPTS[1]
+    steered = complete(openai_client, prompt, {"east": [
+        {"vector": "dir-a", "scale": 2.0},
+        {"vector": "dir-b", "scale": -3.0, "layers": [6, 20]}]})
+    reference = hf_steered_greedy(hf_model, steered["prompt_token_ids"], 16, [
+        (vectors["dir-a"], 2.0, LAYER), (vectors["dir-b"], -3.0, 6),
+        (vectors["dir-b"], -3.0, 20)])
+    assert steered["token_ids"] == reference
+
+
+def test_mixed_batch_isolation(async_openai, openai_client, vectors):
+    """Unsteered requests give their solo tokens; two steered requests with different
+    vectors each give their own solo tokens, all in one continuous batch."""
+    east_a = {"east": {"vector": "dir-a", "scale": 4.0}}
+    east_b = {"east": {"vector": "dir-b", "scale": 4.0, "positions": "all"}}
+    cases = [(p, s) for p in PROMPTS for s in (None, east_a, east_b)]
+    solo = [complete(openai_client, p, s, max_tokens=24)["token_ids"] for p, s in cases]
+
+    async def together():
+        client = async_openai()
+        async with client:
+            replies = await asyncio.gather(*(client.completions.create(
+                model=MODEL, prompt=p, max_tokens=24, temperature=0,
+                extra_body={"return_token_ids": True, **({"steering": s} if s else {})})
+                for p, s in cases))
+        return [r.choices[0].model_extra["token_ids"] for r in replies]
+
+    assert asyncio.run(together()) == solo
+    assert len({tuple(t) for t in solo[:3]}) == 3  # the three variants differ
+
+
+def test_east_composes_with_typical(openai_client, vectors):
+    reply = openai_client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0.8, seed=1,
+        extra_body={"typical_p": 0.7, "steering": {"east": {"vector": "dir-a", "scale": 2.0}}})
+    assert reply.choices[0].model_extra["steering"]["methods"] == ["east", "typical"]
+
+
+@pytest.mark.parametrize("east,status,param", [
+    ({"vector": "nope"}, 404, "steering.east.vector"),
+    ([{"vector": "dir-a"}, {"vector": "nope"}], 404, "steering.east.1.vector"),
+    ({"vector": "dir-a", "layers": [99]}, 400, "steering.east.layers"),
+    ({"vector": "dir-a", "scale": 1e9}, 400, "steering.east.scale"),
+    ({"vector": "dir-a", "positions": "some"}, 400, "steering.east.positions"),
+    ({"scale": 1.0}, 400, "steering.east.vector"),
+])
+def test_bad_east_requests(http, vectors, east, status, param):
+    r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2,
+                                           "steering": {"east": east}})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_vector_routes_and_admin_key(server, http, admin_http, vectors):
+    listing = http.get("/v1/steering/vectors").json()["data"]
+    assert {"dir-a", "dir-b"} <= {v["id"] for v in listing}
+    assert all("path" not in v and "/" not in str(v.get("source", "")) for v in listing)
+    one = http.get("/v1/steering/vectors/dir-a", params={"include_values": True}).json()
+    assert one["layer"] == LAYER and len(one["values"]) == 576
+    upload = {"name": "tmp", "values": [0.0] * 576, "layer": 0}
+    assert http.post("/v1/steering/vectors", json=upload).status_code == 403  # API key only
+    assert http.delete("/v1/steering/vectors/dir-a").status_code == 403
+    for bad, param in [({**upload, "name": "../x"}, "name"),
+                       ({**upload, "values": [0.0] * 5}, "values"),
+                       ({**upload, "values": [0.0] * 575 + ["NaN"]}, "values"),
+                       ({**upload, "layer": 30}, "layer"),
+                       ({**upload, "model": "gpt-2"}, "model")]:
+        r = admin_http.post("/v1/steering/vectors", json=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert admin_http.get("/v1/steering/vectors/tmp").status_code == 404
+    assert admin_http.delete("/v1/steering/vectors/nothing").status_code == 404
+    assert http.get("/v1/steering/vectors/..%2Fetc").status_code in (400, 404)
+    big = admin_http.post("/v1/steering/vectors", content=b"x" * (9 << 20),
+                          headers={"content-type": "application/json"})
+    assert big.status_code == 413

@@ -1,0 +1,88 @@
+"""EAST coefficients and the steerable-layer wrapper, without an engine."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+from steering.east import RequestSteering, VectorUse, fill_coefficients
+from steering.vllm_adapter.layer_steering import (
+    SteerableLayer,
+    SteeringTable,
+    decoder_layers,
+    install_steerable_layers,
+)
+
+
+def test_generated_positions_start_at_the_last_prompt_token():
+    coeff = np.zeros((3, 12, 2), dtype=np.float32)
+    # A 5-token prompt prefilled in one step (rows 0-4), and a decoding request (row 5) with
+    # 9 tokens already computed, steered on all positions with two vectors at two layers.
+    prefill = RequestSteering((VectorUse(slot=0, scale=2.0, layer=1),), prompt_len=5)
+    decode = RequestSteering((VectorUse(1, -1.5, 0, all_positions=True),
+                              VectorUse(0, 0.5, 2, all_positions=True)), prompt_len=4)
+    fill_coefficients(coeff, [(prefill, 0, 5, 0), (decode, 5, 6, 9)])
+    assert coeff[1, :5, 0].tolist() == [0, 0, 0, 0, 2.0]
+    assert coeff[0, 5, 1] == -1.5 and coeff[2, 5, 0] == 0.5
+    assert np.count_nonzero(coeff) == 3
+
+
+def test_chunked_prefill_steers_only_the_chunk_holding_generated_positions():
+    coeff = np.zeros((1, 8, 1), dtype=np.float32)
+    steering = RequestSteering((VectorUse(0, 1.0, 0),), prompt_len=10)
+    fill_coefficients(coeff, [(steering, 0, 4, 0)])  # prompt tokens 0-3: none steered
+    assert not coeff.any()
+    fill_coefficients(coeff, [(steering, 0, 6, 4)])  # tokens 4-9: the last one is steered
+    assert coeff[0, :, 0].tolist() == [0, 0, 0, 0, 0, 1.0, 0, 0]
+
+
+def test_same_vector_twice_adds_up():
+    coeff = np.zeros((1, 2, 1), dtype=np.float32)
+    steering = RequestSteering((VectorUse(0, 1.0, 0), VectorUse(0, 2.5, 0)), prompt_len=1)
+    fill_coefficients(coeff, [(steering, 0, 2, 0)])
+    assert coeff[0, :, 0].tolist() == [3.5, 3.5]
+
+
+class PairLayer(nn.Module):
+    """A stand-in vLLM decoder layer: returns (hidden_states, residual)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, positions, hidden_states, residual):
+        return self.linear(hidden_states), hidden_states if residual is None else residual
+
+
+def test_wrapper_adds_coefficients_times_vectors_to_hidden_output_only():
+    table = SteeringTable(num_layers=2, max_tokens=8, hidden_size=4, slots=2,
+                          dtype=torch.float32, device=torch.device("cpu"))
+    inner = PairLayer()
+    layer = SteerableLayer(inner, index=1, table=table)
+    x = torch.randn(3, 4)
+    plain_h, plain_r = inner(None, x, None)
+    table.vectors[0] = torch.tensor([1.0, 0, 0, 0])
+    table.vectors[1] = torch.tensor([0, 0, 0, 1.0])
+    table.coefficients[1, 2, 0] = 3.0
+    table.coefficients[1, 2, 1] = -1.0
+    table.coefficients[0, :, :] = 100.0  # another layer's coefficients do not leak in
+    h, r = layer(None, x, None)
+    assert torch.equal(r, plain_r)
+    assert torch.equal(h[:2], plain_h[:2])
+    torch.testing.assert_close(h[2], plain_h[2] + torch.tensor([3.0, 0, 0, -1.0]))
+
+
+def test_install_wraps_every_layer_and_shares_one_table():
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList([PairLayer() for _ in range(3)])
+    config = SimpleNamespace(
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=16),
+        compilation_config=SimpleNamespace(max_cudagraph_capture_size=None),
+        model_config=SimpleNamespace(get_hidden_size=lambda: 4, dtype=torch.float32))
+    install_steerable_layers(model, config, slots=4)
+    name, layers = decoder_layers(model)
+    assert name == "model.layers" and all(isinstance(m, SteerableLayer) for m in layers)
+    assert len({id(m.table) for m in layers}) == 1
+    assert model.steering_table.coefficients.shape == (3, 16, 4)
