@@ -23,7 +23,7 @@ import torch
 
 from server.errors import EngineBusy, EngineUnavailable, InvalidRequest, NotFound
 from steering.artifacts import ArtifactNotFound, VectorStore
-from steering.vllm_adapter.layer_steering import DEFAULT_SLOTS
+from steering.vllm_adapter.layer_steering import DEFAULT_CAPTURE_ROWS, DEFAULT_SLOTS
 from steering.vllm_adapter.logits_processors import (
     EntropyTelemetryProcessor,
     ExtraArgs,
@@ -65,6 +65,7 @@ class SamplingOptions:
     typical_p: float | None = None
     ignore_eos: bool = False
     east: tuple[EastSpec, ...] = ()
+    capture_layers: tuple[int, ...] = ()  # residual stream at the last prompt token
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class ChoiceDelta:
     varentropy: list[float | None]
     finish_reason: str | None = None
     trace: EntropyTrace | None = field(default=None, repr=False)  # complete, on the last delta
+    hidden_states: dict[int, list[float]] | None = None  # on the last delta, when asked
 
 
 class VectorSlots:
@@ -173,8 +175,9 @@ class Engine:
         ]
         args.worker_extension_cls = "steering.vllm_adapter.worker.SteeringWorkerExtension"
         additional = dict(args.additional_config or {})
-        additional["entropy_steer"] = {"telemetry_address": address,
-                                       "layer_steering": {"slots": self._slot_count}}
+        additional["entropy_steer"] = {
+            "telemetry_address": address,
+            "layer_steering": {"slots": self._slot_count, "capture_rows": DEFAULT_CAPTURE_ROWS}}
         args.additional_config = additional
         self._llm = AsyncLLM.from_engine_args(args)
         self.max_model_len = self._llm.model_config.max_model_len
@@ -183,6 +186,7 @@ class Engine:
         table = (await self._llm.collective_rpc("steer_install"))[0]
         self.num_layers = table["layers"]
         self._slots = VectorSlots(self._llm, table["slots"])
+        self._capture_slots = asyncio.Semaphore(table["capture_rows"])
         self.vectors = VectorStore(self._artifacts_dir / "vectors", self.model_name,
                                    table["hidden_size"], self.num_layers)
 
@@ -232,6 +236,10 @@ class Engine:
                 f"{self.max_model_len}",
                 "prompt",
             )
+        for layer in options.capture_layers:
+            if not 0 <= layer < self.num_layers:
+                raise InvalidRequest(f"layer {layer} is outside [0, {self.num_layers})",
+                                     "steering.return_hidden_states")
         options = replace(options, east=tuple(
             self._resolve_east(spec, "steering.east" + (f".{i}" if len(options.east) > 1 else ""))
             for i, spec in enumerate(options.east)))
@@ -267,6 +275,8 @@ class Engine:
         extra_args = {ExtraArgs.STEER_ID: steer_id}
         if options.typical_p is not None and options.typical_p < 1:
             extra_args[ExtraArgs.TYPICAL_P] = options.typical_p
+        if options.capture_layers:
+            extra_args[ExtraArgs.CAPTURE] = True
         if options.east:
             extra_args[ExtraArgs.EAST] = [
                 [slot, spec.scale, layer, int(spec.all_positions)]
@@ -306,10 +316,12 @@ class Engine:
             raise EngineUnavailable("the engine is not running")
         request_id = f"steer-{uuid.uuid4().hex}"
         vectors = [(spec.vector, *self._vector_version(spec.vector)) for spec in options.east]
-        east_slots = await self._slots.acquire(vectors) if vectors else []
-        trace = self._collector.register(request_id)
-        produced = 0
+        capturing = bool(options.capture_layers)
+        if capturing:  # the engine keeps a fixed number of capture rows per step
+            await self._capture_slots.acquire()
+        east_slots, trace, produced = [], self._collector.register(request_id), 0
         try:
+            east_slots = await self._slots.acquire(vectors) if vectors else []
             params = self._sampling_params(options, request_id, east_slots)
             prompt = {"prompt_token_ids": prompt_token_ids}
             if options.east:  # steered KV cache must never be shared with other requests
@@ -323,7 +335,12 @@ class Engine:
                     if entropy_per_delta or finished:
                         if not await trace.wait_for(produced, TELEMETRY_TIMEOUT_S):
                             logger.warning("entropy telemetry for %s is incomplete", request_id)
+                    hidden_states = None
+                    if finished and capturing:
+                        hidden_states = await self._take_capture(request_id,
+                                                                 options.capture_layers)
                     yield ChoiceDelta(
+                        hidden_states=hidden_states,
                         text=completion.text,
                         token_ids=list(completion.token_ids),
                         logprobs=_convert_logprobs(
@@ -341,6 +358,15 @@ class Engine:
         finally:
             self._collector.unregister(request_id)
             self._slots.release(east_slots)
+            if capturing:
+                self._capture_slots.release()
+
+    async def _take_capture(self, request_id: str, layers: tuple[int, ...]):
+        values = (await self._llm.collective_rpc("steer_take_capture",
+                                                 args=(request_id, list(layers))))[0]
+        if values is None:
+            raise EngineUnavailable("the engine did not capture the hidden states")
+        return dict(zip(layers, values))
 
     def _vector_version(self, name: str) -> tuple[float, torch.Tensor]:
         try:

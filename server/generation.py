@@ -21,6 +21,7 @@ class Plan:
     typical_p: float | None
     return_entropy: bool
     east: tuple[EastSpec, ...] = ()
+    capture_layers: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, request: GenerationRequest) -> Plan:
@@ -29,8 +30,10 @@ class Plan:
                               layers=tuple(o.layers) if o.layers else None,
                               all_positions=o.positions == "all")
                      for o in request.east_options)
+        capture = request.steering.return_hidden_states if request.steering else None
         return cls(typical_p=mass if mass is not None and mass < 1 else None,
-                   return_entropy=request.return_entropy, east=east)
+                   return_entropy=request.return_entropy, east=east,
+                   capture_layers=tuple(capture or ()))
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -59,6 +62,7 @@ def sampling_options(request: GenerationRequest, plan: Plan, max_tokens: int | N
         logprobs=logprobs,
         typical_p=plan.typical_p,
         east=plan.east,
+        capture_layers=plan.capture_layers,
         ignore_eos=request.ignore_eos,
     )
 
@@ -74,12 +78,15 @@ class ChoiceResult:
     finish_reason: str | None = None
     entropy: list[float | None] = field(default_factory=list)
     varentropy: list[float | None] = field(default_factory=list)
+    hidden_states: dict[int, list[float]] | None = None
 
     def add(self, delta: ChoiceDelta) -> None:
         self.text += delta.text
         self.token_ids += delta.token_ids
         self.logprobs += delta.logprobs or []
         self.finish_reason = delta.finish_reason
+        if delta.hidden_states is not None:
+            self.hidden_states = delta.hidden_states
         if delta.trace is not None:
             self.entropy = _clean(delta.trace.entropy[: len(self.token_ids)])
             self.varentropy = _clean(delta.trace.varentropy[: len(self.token_ids)])
@@ -110,6 +117,8 @@ def steering_report(plan: Plan, result: ChoiceResult, options: SamplingOptions) 
     if plan.return_entropy:
         report["token_entropy"] = result.entropy
         report["token_varentropy"] = result.varentropy
+    if result.hidden_states is not None:
+        report["hidden_states"] = {str(k): v for k, v in result.hidden_states.items()}
     return report
 
 

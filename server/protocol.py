@@ -53,6 +53,10 @@ class SteeringOptions(StrictModel):
     return_entropy: bool = Field(
         default=False, description="add per-token entropy and varentropy lists to the response"
     )
+    return_hidden_states: Annotated[
+        list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=8)
+    ] | None = Field(default=None, description="decoder layers whose residual stream at the "
+                     "last prompt token to return (HF's hidden_states[layer + 1])")
 
 
 class StreamOptions(StrictModel):

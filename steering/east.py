@@ -30,14 +30,23 @@ class VectorUse:
 
 @dataclass(frozen=True)
 class RequestSteering:
-    """A request's vector uses and its prompt length (which tells generated positions from
-    prompt positions)."""
+    """What one request asks of the decoder layers: vector uses, and whether to capture the
+    residual stream at its last prompt token (`key` names the capture)."""
 
     uses: tuple[VectorUse, ...]
     prompt_len: int
+    capture: bool = False
+    key: str = ""
 
     def first_steered_position(self, use: VectorUse) -> int:
         return 0 if use.all_positions else max(self.prompt_len - 1, 0)
+
+    def capture_row(self, start: int, end: int, computed: int) -> int | None:
+        """The step's token row holding the last prompt token, if this step computes it."""
+        if not self.capture:
+            return None
+        row = start + self.prompt_len - 1 - computed
+        return row if start <= row < end else None
 
 
 def fill_coefficients(

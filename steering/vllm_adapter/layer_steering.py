@@ -3,11 +3,13 @@
 vLLM compiles the decoder stack (torch.compile; CUDA graphs on GPU) during start-up, so forward
 hooks added afterwards never run. Instead, when the model is loaded (before compilation) every
 decoder layer is wrapped in `SteerableLayer`, which adds `coefficients[layer, :tokens] @ vectors`
-to the layer's hidden-state output. Both are persistent buffers of one `SteeringTable`: the
-compiled graph reads whatever they hold, and a forward pre-hook on the (uncompiled) outer model
-refills the coefficients for each step (`steering.vllm_adapter.worker`). With no steered request
-the coefficients are zero and the cost is one (tokens × slots) @ (slots × hidden) product per
-layer.
+to the layer's hidden-state output and copies the residual stream at `capture_rows` into
+`captured`. All four are persistent buffers of one `SteeringTable`: the compiled graph reads and
+writes whatever storage they have, and hooks on the (uncompiled) outer model refill them before
+each step and read the captures after it (`steering.vllm_adapter.worker`). Both directions are
+tested in compiled mode against HF transformers. There are no data-dependent Python branches,
+so CUDA graphs can capture the same code. With no steered request the coefficients are zero and
+the cost is one (tokens × slots) @ (slots × hidden) product and a few-row copy per layer.
 
 Adding to a vLLM layer's `hidden_states` output adds to the residual stream: the next layer's
 fused add-norm (or the final norm) sums it with `residual`.
@@ -23,20 +25,26 @@ from torch import nn
 logger = logging.getLogger("entropy_steer.layer_steering")
 
 DEFAULT_SLOTS = 8
+DEFAULT_CAPTURE_ROWS = 8  # requests capturing hidden states at once (the API keeps to it)
 
 
 class SteeringTable(nn.Module):
     """Resident steering vectors (slots × hidden) and one step's per-token coefficients
-    (layers × max tokens × slots)."""
+    (layers × max tokens × slots); for capture, the step's token rows to keep
+    (capture_rows) and what each layer's residual stream held there (layers × rows × hidden)."""
 
     def __init__(self, num_layers: int, max_tokens: int, hidden_size: int, slots: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, capture_rows: int) -> None:
         super().__init__()
-        self.register_buffer("vectors", torch.zeros(slots, hidden_size, dtype=dtype,
-                                                    device=device), persistent=False)
-        self.register_buffer("coefficients", torch.zeros(num_layers, max_tokens, slots,
-                                                         dtype=dtype, device=device),
-                             persistent=False)
+
+        def buffer(name, *shape, dtype=dtype):
+            self.register_buffer(name, torch.zeros(*shape, dtype=dtype, device=device),
+                                 persistent=False)
+
+        buffer("vectors", slots, hidden_size)
+        buffer("coefficients", num_layers, max_tokens, slots)
+        buffer("capture_rows", capture_rows, dtype=torch.long)
+        buffer("captured", num_layers, capture_rows, hidden_size)
 
     @property
     def num_layers(self) -> int:
@@ -52,7 +60,8 @@ class SteeringTable(nn.Module):
 
 
 class SteerableLayer(nn.Module):
-    """A decoder layer whose hidden-state output gets this step's steering added."""
+    """A decoder layer whose hidden-state output gets this step's steering added and whose
+    residual stream is kept at the capture rows."""
 
     def __init__(self, inner: nn.Module, index: int, table: SteeringTable) -> None:
         super().__init__()
@@ -62,11 +71,18 @@ class SteerableLayer(nn.Module):
 
     def forward(self, *args, **kwargs):
         out = self.inner(*args, **kwargs)
-        hidden = out[0] if isinstance(out, tuple) else out
+        pair = isinstance(out, tuple)
+        hidden = out[0] if pair else out
         table = self.table
         delta = table.coefficients[self.index, : hidden.shape[0]] @ table.vectors
         hidden = hidden + delta.to(hidden.dtype)
-        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+        # The residual stream after this layer is hidden + residual (vLLM defers the add).
+        rows = table.capture_rows.clamp(max=hidden.shape[0] - 1)  # idle rows are 0
+        kept = hidden.index_select(0, rows)
+        if pair and isinstance(out[1], torch.Tensor):
+            kept = kept + out[1].index_select(0, rows)
+        table.captured[self.index].copy_(kept)
+        return (hidden, *out[1:]) if pair else hidden
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -78,7 +94,8 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(candidates, key=lambda item: len(item[1]))
 
 
-def install_steerable_layers(model: nn.Module, vllm_config, slots: int = DEFAULT_SLOTS) -> None:
+def install_steerable_layers(model: nn.Module, vllm_config, slots: int = DEFAULT_SLOTS,
+                             capture_rows: int = DEFAULT_CAPTURE_ROWS) -> None:
     """Wrap every decoder layer of a freshly loaded model; attach the table as
     `model.steering_table`."""
     name, layers = decoder_layers(model)
@@ -88,7 +105,7 @@ def install_steerable_layers(model: nn.Module, vllm_config, slots: int = DEFAULT
                      getattr(compilation, "max_cudagraph_capture_size", None) or 0)
     reference = next(model.parameters())
     table = SteeringTable(len(layers), max_tokens, vllm_config.model_config.get_hidden_size(),
-                          slots, vllm_config.model_config.dtype, reference.device)
+                          slots, vllm_config.model_config.dtype, reference.device, capture_rows)
     wrapped = 0
     for index, layer in enumerate(layers):
         if sum(1 for _ in layer.parameters()) == 0:  # pipeline-parallel placeholder

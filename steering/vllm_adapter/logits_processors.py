@@ -37,6 +37,7 @@ class ExtraArgs:
     TYPICAL_P = "typical_p"  # float in (0, 1): locally typical sampling mass
     # list of [table slot, scale, layer, prompt positions too (0/1)]: residual-stream vectors
     EAST = "steer_east"
+    CAPTURE = "steer_capture"  # bool: keep every layer's residual stream at the last prompt token
 
 
 def telemetry_address(vllm_config: VllmConfig) -> str | None:
@@ -212,8 +213,8 @@ def _is_output_rank() -> bool:
 
 
 class SteeringRowsProcessor(RowStateProcessor[RequestSteering]):
-    """Tracks which batch rows carry residual-stream steering (EAST), for the worker's
-    per-step coefficient filler. It never changes the logits: vLLM keeps logits processors in
+    """Tracks which batch rows carry residual-stream steering (EAST) or hidden-state capture,
+    for the worker's per-step filler. It never changes the logits: vLLM keeps logits processors in
     step with its persistent batch, which is exactly the bookkeeping the filler needs."""
 
     def is_argmax_invariant(self) -> bool:
@@ -221,13 +222,16 @@ class SteeringRowsProcessor(RowStateProcessor[RequestSteering]):
 
     def row_state(self, params: SamplingParams, prompt_token_ids: list[int] | None,
                   output_token_ids: list[int]) -> RequestSteering | None:
-        uses = (params.extra_args or {}).get(ExtraArgs.EAST)
-        if not uses:
+        extra = params.extra_args or {}
+        uses, capture = extra.get(ExtraArgs.EAST), bool(extra.get(ExtraArgs.CAPTURE))
+        if not uses and not capture:
             return None
         return RequestSteering(
             uses=tuple(VectorUse(int(slot), float(scale), int(layer), bool(all_positions))
-                       for slot, scale, layer, all_positions in uses),
+                       for slot, scale, layer, all_positions in uses or ()),
             prompt_len=len(prompt_token_ids or ()),
+            capture=capture,
+            key=str(extra.get(ExtraArgs.STEER_ID, "")),
         )
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:

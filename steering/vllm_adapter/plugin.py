@@ -29,7 +29,8 @@ def register() -> None:
         if options:
             from steering.vllm_adapter.layer_steering import install_steerable_layers
 
-            install_steerable_layers(model, vllm_config, slots=int(options.get("slots", 8)))
+            install_steerable_layers(model, vllm_config, slots=int(options["slots"]),
+                                     capture_rows=int(options["capture_rows"]))
         return model
 
     load_model._entropy_steer = True

@@ -1,9 +1,10 @@
 """vLLM worker extension (`worker_extension_cls`): the in-worker side of layer steering.
 
 Methods are called from the API process with `collective_rpc`, so they run on every
-tensor-parallel rank. `steer_install` registers a forward pre-hook on the outer model (which vLLM
-does not compile); before every step it fills the steering table's coefficients from the
-requests in the batch, tracked by `SteeringRowsProcessor`.
+tensor-parallel rank. `steer_install` registers forward hooks on the outer model (which vLLM does
+not compile): before every step they fill the steering table's coefficients and capture rows
+from the requests in the batch (tracked by `SteeringRowsProcessor`); after it they keep the
+captured hidden states of requests whose last prompt token was computed.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from steering.east import fill_coefficients
 from steering.vllm_adapter.logits_processors import SteeringRowsProcessor
 
 
-class _CoefficientFiller:
-    """Per-step writer of the steering table's coefficients (see `layer_steering`)."""
+class _StepFiller:
+    """Writes one step's steering coefficients and capture rows; collects the captures."""
 
     def __init__(self, runner, table) -> None:
         self.runner = runner
@@ -24,14 +25,15 @@ class _CoefficientFiller:
         self.rows_processor = next(
             p for p in runner.input_batch.logitsprocs.all if isinstance(p, SteeringRowsProcessor))
         on_host = table.coefficients.device.type == "cpu"
-        self.host = (table.coefficients if on_host else torch.zeros_like(
-            table.coefficients, device="cpu", pin_memory=True))
-        self.host_np = self.host.numpy() if self.host.dtype != torch.bfloat16 else None
+        self.host = table.coefficients if on_host else torch.zeros_like(
+            table.coefficients, device="cpu", pin_memory=True)
         self.scratch = np.zeros(tuple(self.host.shape), dtype=np.float32)
         self.copy_to_device = not on_host
         self.used = 0  # token rows written last step (to zero them again)
+        self.capturing: list[tuple[str, int]] = []  # (request key, capture slot) this step
+        self.captures: dict[str, torch.Tensor] = {}  # request key -> (layers, hidden), on CPU
 
-    def __call__(self, module, args, kwargs) -> None:
+    def before_forward(self, module, args, kwargs) -> None:
         rows = self.rows_processor.rows
         if not rows and not self.used:
             return
@@ -50,24 +52,52 @@ class _CoefficientFiller:
             if self.copy_to_device:
                 self.table.coefficients[:, :span].copy_(self.host[:, :span], non_blocking=True)
         self.used = end
+        self.capturing = []
+        capture_rows = []
+        for steering, start, stop, done in steered:
+            row = steering.capture_row(start, stop, done)
+            if row is not None and len(capture_rows) < self.table.capture_rows.numel():
+                self.capturing.append((steering.key, len(capture_rows)))
+                capture_rows.append(row)
+        if capture_rows:
+            self.table.capture_rows[: len(capture_rows)].copy_(torch.tensor(capture_rows))
+
+    def after_forward(self, module, args, kwargs, output) -> None:
+        if not self.capturing:
+            return
+        for key, slot in self.capturing:
+            self.captures[key] = self.table.captured[:, slot].to("cpu", torch.float32, copy=True)
+        self.capturing = []
+        self.table.capture_rows.zero_()
+        # Captures of aborted requests are never taken: keep only the newest few.
+        while len(self.captures) > 4 * self.table.capture_rows.numel():
+            self.captures.pop(next(iter(self.captures)))
 
 
 class SteeringWorkerExtension:
     """Mixed into vLLM's worker class; every public name here becomes an RPC method."""
 
     def steer_install(self) -> dict:
-        """Start filling steering coefficients each step; returns the table's shape."""
+        """Start the per-step hooks; returns the steering table's shape."""
         model = self.model_runner.model
         table = getattr(model, "steering_table", None)
         if table is None:
             raise RuntimeError("the model was loaded without steerable layers")
-        if getattr(self, "_steer_hook", None) is None:
-            filler = _CoefficientFiller(self.model_runner, table)
-            self._steer_hook = model.register_forward_pre_hook(filler, with_kwargs=True)
+        if getattr(self, "_steer_filler", None) is None:
+            filler = self._steer_filler = _StepFiller(self.model_runner, table)
+            model.register_forward_pre_hook(filler.before_forward, with_kwargs=True)
+            model.register_forward_hook(filler.after_forward, with_kwargs=True)
         return {"layers": table.num_layers, "slots": table.slots,
-                "hidden_size": table.vectors.shape[1], "max_tokens": table.max_tokens}
+                "hidden_size": table.vectors.shape[1], "max_tokens": table.max_tokens,
+                "capture_rows": table.capture_rows.numel()}
 
     def steer_set_vector(self, slot: int, values: list[float]) -> None:
         """Make `values` the vector of table slot `slot`."""
         table = self.model_runner.model.steering_table
         table.vectors[slot].copy_(torch.tensor(values, dtype=table.vectors.dtype))
+
+    def steer_take_capture(self, key: str, layers: list[int]) -> list[list[float]] | None:
+        """The residual stream after each of `layers` at the request's last prompt token
+        (None if it was not captured); forgets it."""
+        captured = self._steer_filler.captures.pop(key, None)
+        return None if captured is None else captured[layers].tolist()

@@ -163,3 +163,36 @@ def test_vector_routes_and_admin_key(server, http, admin_http, vectors):
     big = admin_http.post("/v1/steering/vectors", content=b"x" * (9 << 20),
                           headers={"content-type": "application/json"})
     assert big.status_code == 413
+
+
+@pytest.mark.parametrize("steer", [False, True])
+def test_hidden_states_equal_hf(openai_client, hf_model, vectors, steer):
+    """The residual stream captured inside the compiled engine at the last prompt token equals
+    HF's hidden_states[layer + 1] (with the same steering added, when steered)."""
+    model, _ = hf_model
+    layers = [0, LAYER, 29]
+    steering = {"return_hidden_states": layers}
+    if steer:
+        steering["east"] = {"vector": "dir-a", "scale": 4.0, "layers": [3]}
+    reply = complete(openai_client, PROMPTS[2], steering, max_tokens=2)
+    captured = reply["steering"]["hidden_states"]
+    assert sorted(captured) == sorted(str(layer) for layer in layers)
+    hook = None
+    if steer:
+        def add(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = hidden.clone()
+            hidden[:, -1] += 4.0 * vectors["dir-a"]
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        hook = model.model.layers[3].register_forward_hook(add)
+    try:
+        with torch.no_grad():
+            states = model(torch.tensor([reply["prompt_token_ids"]]),
+                           output_hidden_states=True).hidden_states
+    finally:
+        if hook:
+            hook.remove()
+    for layer in layers[:2]:  # HF's last entry is after the final norm; compare the stream
+        expected = states[layer + 1][0, -1]
+        got = torch.tensor(captured[str(layer)])
+        assert torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max()), layer

@@ -37,6 +37,14 @@ def test_chunked_prefill_steers_only_the_chunk_holding_generated_positions():
     assert coeff[0, :, 0].tolist() == [0, 0, 0, 0, 0, 1.0, 0, 0]
 
 
+def test_capture_row_is_the_last_prompt_token_when_this_step_computes_it():
+    steering = RequestSteering((), prompt_len=10, capture=True, key="r")
+    assert steering.capture_row(start=3, end=7, computed=0) is None  # chunk of tokens 0-3
+    assert steering.capture_row(start=3, end=9, computed=4) == 8  # tokens 4-9: 9 is last
+    assert steering.capture_row(start=0, end=1, computed=10) is None  # decoding
+    assert RequestSteering((), prompt_len=3).capture_row(0, 3, 0) is None  # not asked
+
+
 def test_same_vector_twice_adds_up():
     coeff = np.zeros((1, 2, 1), dtype=np.float32)
     steering = RequestSteering((VectorUse(0, 1.0, 0), VectorUse(0, 2.5, 0)), prompt_len=1)
@@ -57,7 +65,7 @@ class PairLayer(nn.Module):
 
 def test_wrapper_adds_coefficients_times_vectors_to_hidden_output_only():
     table = SteeringTable(num_layers=2, max_tokens=8, hidden_size=4, slots=2,
-                          dtype=torch.float32, device=torch.device("cpu"))
+                          dtype=torch.float32, device=torch.device("cpu"), capture_rows=2)
     inner = PairLayer()
     layer = SteerableLayer(inner, index=1, table=table)
     x = torch.randn(3, 4)
@@ -67,10 +75,14 @@ def test_wrapper_adds_coefficients_times_vectors_to_hidden_output_only():
     table.coefficients[1, 2, 0] = 3.0
     table.coefficients[1, 2, 1] = -1.0
     table.coefficients[0, :, :] = 100.0  # another layer's coefficients do not leak in
+    table.capture_rows[:] = torch.tensor([2, 0])
     h, r = layer(None, x, None)
     assert torch.equal(r, plain_r)
     assert torch.equal(h[:2], plain_h[:2])
     torch.testing.assert_close(h[2], plain_h[2] + torch.tensor([3.0, 0, 0, -1.0]))
+    # Capture keeps the residual stream (steered hidden + residual) at the chosen rows.
+    torch.testing.assert_close(table.captured[1, 0], h[2] + r[2])
+    torch.testing.assert_close(table.captured[1, 1], h[0] + r[0])
 
 
 def test_install_wraps_every_layer_and_shares_one_table():
