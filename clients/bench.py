@@ -13,17 +13,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from clients.local_server import LocalServer
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -42,7 +40,22 @@ SCENARIOS = {
     "steer, unsteered": ("steer", {}),
     "steer, per-token entropy": ("steer", {"steering": {"return_entropy": True}}),
     "steer, typical_p=0.9 on all": ("steer", {"typical_p": 0.9}),
+    "steer, EAST on all": ("steer", {"steering": {"east": {"vector": "bench", "scale": 4.0}}}),
 }
+BENCH_LAYER = 15
+
+
+def _store_bench_vector(url: str, model: str) -> None:
+    """A fixed random direction at the middle layer: the cost of steering does not depend on
+    which vector it is."""
+    import torch
+
+    info = httpx.get(f"{url}/v1/models").json()["data"][0]
+    vector = torch.randn(info["hidden_size"], generator=torch.Generator().manual_seed(0))
+    httpx.post(f"{url}/v1/steering/vectors", timeout=60, json={
+        "name": "bench", "values": (vector / vector.norm() * 10).tolist(),
+        "layer": min(BENCH_LAYER, info["num_layers"] - 1),
+        "description": f"benchmark direction for {model}"}).raise_for_status()
 
 
 @dataclass
@@ -54,40 +67,6 @@ class RunResult:
     @property
     def throughput(self) -> float:
         return self.tokens / self.seconds
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited during start-up; see {log}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"server did not start in {timeout:.0f}s; see {log}")
-
-
-def _start(cmd: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[int, float]:
@@ -145,22 +124,19 @@ def main(argv: list[str] | None = None) -> None:
     name = DEFAULT_MODEL_NAME if args.model is None else Path(args.model).name
     args.log_dir.mkdir(parents=True, exist_ok=True)
     common = ["--model", model_path, "--served-model-name", name, "--dtype", "float32",
-              "--kv-cache-memory-bytes", str(2 << 30)]
-    ports = {"vllm": _free_port(), "steer": _free_port()}
+              "--kv-cache-memory-bytes", str(2 << 30), "--disable-uvicorn-access-log"]
     commands = {
-        "vllm": [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *common,
-                 "--port", str(ports["vllm"]), "--disable-uvicorn-access-log"],
+        "vllm": [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *common],
         "steer": [sys.executable, "-m", "server.cli", "serve", *common,
-                  "--port", str(ports["steer"]), "--disable-uvicorn-access-log"],
+                  "--artifacts-dir", str(args.log_dir / "artifacts")],
     }
-    urls = {k: f"http://127.0.0.1:{p}" for k, p in ports.items()}
-    processes = {}
+    servers: dict[str, LocalServer] = {}
     try:
         for key, cmd in commands.items():  # one at a time: start-up compiles on both cores
-            log = args.log_dir / f"{key}.log"
-            processes[key] = _start(cmd, log)
-            _wait_healthy(urls[key], processes[key], log)
-            print(f"{key} server ready at {urls[key]}", flush=True)
+            servers[key] = LocalServer(cmd, args.log_dir / f"{key}.log").wait_healthy()
+            print(f"{key} server ready at {servers[key].base_url}", flush=True)
+        urls = {key: server.base_url for key, server in servers.items()}
+        _store_bench_vector(urls["steer"], name)
         for key in commands:  # warm-up
             asyncio.run(run_mix(urls[key], name, {}, args.concurrency, args.concurrency, 8))
         results: dict[str, list[RunResult]] = {s: [] for s in SCENARIOS}
@@ -175,8 +151,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"round {round_ + 1} {scenario:30s} {r.throughput:7.1f} tok/s "
                       f"median TTFT {statistics.median(r.ttfts):.3f} s", flush=True)
     finally:
-        for process in processes.values():
-            _stop(process)
+        for server in servers.values():
+            server.stop()
 
     best = {s: sorted(rs, key=lambda r: r.throughput)[len(rs) // 2] for s, rs in results.items()}
     base = best["plain vLLM"]

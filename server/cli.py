@@ -1,4 +1,4 @@
-"""`steer` command line: `steer serve`, `steer bench`."""
+"""`steer` command line: `steer serve`, `steer bench`, `steer vectors`."""
 
 from __future__ import annotations
 
@@ -94,6 +94,7 @@ def serve(args: argparse.Namespace) -> None:
 COMMANDS = {
     "serve": "serve the OpenAI-compatible API (default model: the bundled SmolLM2-135M-Instruct)",
     "bench": "plain vLLM vs entropy-steer: throughput and TTFT ratios in one run",
+    "vectors": "list, show, upload, delete or compute steering vectors on a running server",
 }
 
 
@@ -113,6 +114,10 @@ def main(argv: list[str] | None = None) -> None:
         from clients.bench import main as bench_main
 
         return bench_main(rest)
+    if command == "vectors":
+        from clients.vectors import main as vectors_main
+
+        return vectors_main(rest)
     args = serve_parser().parse_args(rest)
     logging.basicConfig(level=logging.INFO)
     serve(args)

@@ -73,6 +73,7 @@ async def list_models(state: ServerState = Depends(get_state)):
     return {"object": "list", "data": [{
         "id": state.model_name, "object": "model", "created": state.created,
         "owned_by": "entropy-steer", "max_model_len": state.engine.max_model_len,
+        "num_layers": state.engine.num_layers, "hidden_size": state.engine.vectors.hidden_size,
     }]}
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -64,3 +65,38 @@ def fill_coefficients(
             first = start + max(steering.first_steered_position(use) - computed, 0)
             if first < end:
                 coefficients[use.layer, first:end, use.slot] += use.scale
+
+
+def action_entropy(actions: list[str | None]) -> float | None:
+    """Entropy (nats) of the empirical distribution of the valid (non-None) actions; None if
+    there is no valid action."""
+    valid = [a for a in actions if a is not None]
+    if not valid:
+        return None
+    counts = np.unique(np.array(valid, dtype=object), return_counts=True)[1]
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def east_vector(activations: torch.Tensor, entropies: torch.Tensor,
+                center: bool = True) -> torch.Tensor:
+    """EAST steering vector from per-prompt activations (N, d) and action entropies (N,).
+
+    The paper describes an entropy-weighted average of the layer's activation at each prompt's
+    last token; its exact normalisation (Eq. 1) could not be checked here. This implements
+    u = Σ_i H_i (a_i − ā) / Σ_i H_i with ā the plain mean (centre=True, the default: the common
+    component every activation shares cancels, leaving the direction in which high-entropy
+    prompts differ from the average), or u = Σ_i H_i a_i / Σ_i H_i (centre=False).
+    """
+    a = activations.double()
+    h = entropies.double()
+    if h.sum() <= 0:
+        raise ValueError("every action distribution has zero entropy: no direction to weight")
+    if center:
+        a = a - a.mean(dim=0)
+    return (h @ a / h.sum()).float()
+
+
+def contrastive_vector(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Mean activation difference between two prompt sets (activation addition)."""
+    return (positive.double().mean(dim=0) - negative.double().mean(dim=0)).float()

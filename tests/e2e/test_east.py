@@ -1,9 +1,13 @@
 """EAST inside the real engine, in vLLM's default compiled mode, against an HF reference."""
 
 import asyncio
+import json
 
+import httpx
 import pytest
 import torch
+
+from tests.conftest import ADMIN_KEY, API_KEY
 
 MODEL = "SmolLM2-135M-Instruct"
 LAYER = 12
@@ -196,3 +200,46 @@ def test_hidden_states_equal_hf(openai_client, hf_model, vectors, steer):
         expected = states[layer + 1][0, -1]
         got = torch.tensor(captured[str(layer)])
         assert torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max()), layer
+
+
+def test_compute_contrastive_vector_with_the_cli(server, hf_model, tmp_path):
+    """`steer vectors compute contrastive` stores the difference of the mean last-token
+    activations, equal to HF's."""
+    from clients.vectors import main as vectors_main
+
+    model, tokenizer = hf_model
+    pos, neg = ["I love this, it is wonderful", "What a great day"], ["I hate this", "Awful."]
+    for name, prompts in (("pos.jsonl", pos), ("neg.jsonl", neg)):
+        (tmp_path / name).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    vectors_main(["--url", server.base_url, "--api-key", API_KEY, "--admin-key", ADMIN_KEY,
+                  "compute", "contrastive", "--prompts", str(tmp_path / "pos.jsonl"),
+                  "--negative", str(tmp_path / "neg.jsonl"), "--layer", "10",
+                  "--name", "sentiment"])
+    stored = httpx.get(f"{server.base_url}/v1/steering/vectors/sentiment",
+                       params={"include_values": True},
+                       headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert stored["layer"] == 10 and stored["method"] == "contrastive"
+
+    def mean_activation(prompts):
+        with torch.no_grad():
+            return torch.stack([model(torch.tensor([tokenizer.encode(p)]),
+                                      output_hidden_states=True).hidden_states[11][0, -1]
+                                for p in prompts]).mean(0)
+    expected = mean_activation(pos) - mean_activation(neg)
+    got = torch.tensor(stored["values"])
+    assert torch.allclose(got, expected, atol=2e-3 * expected.abs().max())
+
+
+def test_compute_east_vector_with_the_cli(server, tmp_path):
+    from clients.bandit import ACTION_PATTERN, make_prompts
+    from clients.vectors import main as vectors_main
+
+    path = tmp_path / "bandit.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_prompts(6, seed=3)))
+    vectors_main(["--url", server.base_url, "--api-key", API_KEY, "--admin-key", ADMIN_KEY,
+                  "compute", "east", "--prompts", str(path), "--layer", "15", "--name",
+                  "explore-test", "--samples", "6", "--action-pattern", ACTION_PATTERN])
+    stored = httpx.get(f"{server.base_url}/v1/steering/vectors/explore-test",
+                       headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert stored["method"] == "east" and stored["norm"] > 0
+    assert '"prompts_used"' in stored["source"]

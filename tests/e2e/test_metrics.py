@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from clients.local_server import free_port
 
 MODEL = "SmolLM2-135M-Instruct"
 

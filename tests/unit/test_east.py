@@ -3,6 +3,7 @@
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -98,3 +99,24 @@ def test_install_wraps_every_layer_and_shares_one_table():
     assert name == "model.layers" and all(isinstance(m, SteerableLayer) for m in layers)
     assert len({id(m.table) for m in layers}) == 1
     assert model.steering_table.coefficients.shape == (3, 16, 4)
+
+
+def test_action_entropy():
+    from steering.east import action_entropy
+
+    assert action_entropy(["A", "A", None]) == 0.0
+    assert action_entropy(["A", "B"]) == pytest.approx(np.log(2))
+    assert action_entropy([None, None]) is None
+
+
+def test_east_vector_is_the_entropy_weighted_centred_mean():
+    from steering.east import contrastive_vector, east_vector
+
+    a = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 4.0]])
+    h = torch.tensor([0.0, 1.0, 3.0])
+    centred = a - a.mean(0)
+    torch.testing.assert_close(east_vector(a, h), (1 * centred[1] + 3 * centred[2]) / 4)
+    torch.testing.assert_close(east_vector(a, h, center=False), (a[1] + 3 * a[2]) / 4)
+    with pytest.raises(ValueError):
+        east_vector(a, torch.zeros(3))
+    torch.testing.assert_close(contrastive_vector(a[1:], a[:1]), torch.tensor([3.0, 3.0]))

@@ -1,0 +1,242 @@
+"""`steer vectors`: manage steering vectors on a running server, and compute new ones with it.
+
+`compute` never loads a second copy of the model: it asks the server for completions and for
+the residual stream at each prompt's last token (`steering.return_hidden_states`), computes the
+vector here, and uploads it.
+
+    steer vectors list
+    steer vectors show NAME [--values]
+    steer vectors upload NAME FILE --layer L      (FILE: .json list of floats or .safetensors)
+    steer vectors delete NAME
+    steer vectors compute east --prompts P.jsonl --layer L --name NAME --action-pattern RE
+    steer vectors compute contrastive --prompts POS.jsonl --negative NEG.jsonl --layer L --name N
+
+Prompts files hold one JSON object per line: {"prompt": "..."} (completions) or
+{"messages": [...]} (chat). The server comes from --url / STEER_URL, keys from --api-key /
+STEER_API_KEY and --admin-key / STEER_ADMIN_KEY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import httpx
+import torch
+from tqdm import tqdm
+
+from steering.east import action_entropy, contrastive_vector, east_vector
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def _check(response: httpx.Response) -> dict:
+    if response.status_code >= 400:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text
+        raise ServerError(f"HTTP {response.status_code}: {message}")
+    return response.json()
+
+
+def read_prompts(path: Path) -> list[dict]:
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if not isinstance(record, dict) or not ({"prompt", "messages"} & record.keys()):
+            raise SystemExit(f"{path}:{number}: expected {{'prompt': ...}} or {{'messages': ...}}")
+        records.append(record)
+    if not records:
+        raise SystemExit(f"{path}: no prompts")
+    return records
+
+
+async def sample_with_activations(client: httpx.AsyncClient, record: dict, layer: int,
+                                  samples: int, max_tokens: int, temperature: float,
+                                  seed: int) -> tuple[list[str], list[float]]:
+    """`samples` completions of one prompt, and the layer's residual stream at its last
+    prompt token."""
+    body = {"n": samples, "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
+            "steering": {"return_hidden_states": [layer]}}
+    if "messages" in record:
+        reply = _check(await client.post("/v1/chat/completions",
+                                         json={**body, "messages": record["messages"]}))
+        texts = [c["message"]["content"] for c in reply["choices"]]
+    else:
+        reply = _check(await client.post("/v1/completions",
+                                         json={**body, "prompt": record["prompt"]}))
+        texts = [c["text"] for c in reply["choices"]]
+    return texts, reply["choices"][0]["steering"]["hidden_states"][str(layer)]
+
+
+def parse_action(pattern: re.Pattern, text: str) -> str | None:
+    match = pattern.search(text)
+    if match is None:
+        return None
+    return match.group(1) if match.groups() else match.group(0)
+
+
+async def collect(url: str, headers: dict, records: list[dict], layer: int, samples: int,
+                  max_tokens: int, temperature: float, concurrency: int, desc: str):
+    semaphore = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as client:
+        bar = tqdm(total=len(records), desc=desc, unit="prompt")
+
+        async def one(i: int, record: dict):
+            async with semaphore:
+                result = await sample_with_activations(client, record, layer, samples,
+                                                       max_tokens, temperature, seed=i)
+            bar.update()
+            return result
+        try:
+            return await asyncio.gather(*(one(i, r) for i, r in enumerate(records)))
+        finally:
+            bar.close()
+
+
+def compute_east(url: str, headers: dict, records: list[dict], layer: int, samples: int,
+                 pattern: str, max_tokens: int, temperature: float, concurrency: int,
+                 center: bool) -> tuple[torch.Tensor, dict]:
+    """The EAST recipe: per prompt, k sampled actions → entropy of their empirical
+    distribution; the vector weights the prompts' last-token activations by it."""
+    regex = re.compile(pattern)
+    results = asyncio.run(collect(url, headers, records, layer, samples, max_tokens,
+                                  temperature, concurrency, "sampling actions"))
+    activations, entropies, valid = [], [], 0
+    for texts, activation in results:
+        actions = [parse_action(regex, t) for t in texts]
+        valid += sum(a is not None for a in actions)
+        h = action_entropy(actions)
+        if h is not None:
+            activations.append(activation)
+            entropies.append(h)
+    if not entropies:
+        raise SystemExit("no completion matched --action-pattern: nothing to compute from")
+    vector = east_vector(torch.tensor(activations), torch.tensor(entropies), center=center)
+    stats = {"prompts": len(records), "prompts_used": len(entropies),
+             "valid_action_rate": valid / (len(records) * samples),
+             "mean_action_entropy": sum(entropies) / len(entropies)}
+    return vector, stats
+
+
+def compute_contrastive(url: str, headers: dict, positive: list[dict], negative: list[dict],
+                        layer: int, concurrency: int) -> tuple[torch.Tensor, dict]:
+    acts = []
+    for records, desc in ((positive, "positive prompts"), (negative, "negative prompts")):
+        results = asyncio.run(collect(url, headers, records, layer, 1, 1, 0.0, concurrency,
+                                      desc))
+        acts.append(torch.tensor([activation for _, activation in results]))
+    return contrastive_vector(*acts), {"positive": len(positive), "negative": len(negative)}
+
+
+def upload(url: str, admin_headers: dict, name: str, vector, layer: int, method: str,
+           source: str, description: str) -> dict:
+    return _check(httpx.post(f"{url}/v1/steering/vectors", headers=admin_headers, timeout=60,
+                             json={"name": name, "values": [float(v) for v in vector],
+                                   "layer": layer, "method": method, "source": source,
+                                   "description": description}))
+
+
+def _load_vector_file(path: Path) -> list[float]:
+    if path.suffix == ".json":
+        values = json.loads(path.read_text())
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        values = (tensors.get("vector", next(iter(tensors.values())))).flatten().tolist()
+    else:
+        raise SystemExit(f"{path}: expected a .json list of numbers or a .safetensors file")
+    return values
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="steer vectors", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=os.environ.get("STEER_URL", "http://127.0.0.1:8000"))
+    parser.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"))
+    parser.add_argument("--admin-key", default=os.environ.get("STEER_ADMIN_KEY"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="stored vectors")
+    show = sub.add_parser("show", help="one vector's metadata")
+    show.add_argument("name")
+    show.add_argument("--values", action="store_true", help="include the values")
+    up = sub.add_parser("upload", help="store a vector from a file")
+    up.add_argument("name")
+    up.add_argument("file", type=Path)
+    up.add_argument("--layer", type=int, required=True)
+    up.add_argument("--description", default="")
+    delete = sub.add_parser("delete", help="remove a stored vector")
+    delete.add_argument("name")
+    compute = sub.add_parser("compute", help="compute a vector with the server's model")
+    compute.add_argument("method", choices=["east", "contrastive"])
+    compute.add_argument("--prompts", type=Path, required=True)
+    compute.add_argument("--negative", type=Path, help="contrastive: the other prompt set")
+    compute.add_argument("--layer", type=int, required=True)
+    compute.add_argument("--name", required=True)
+    compute.add_argument("--samples", type=int, default=8, help="east: completions per prompt")
+    compute.add_argument("--action-pattern", help="east: regex; group 1 (or the match) is "
+                         "the action")
+    compute.add_argument("--max-tokens", type=int, default=8)
+    compute.add_argument("--temperature", type=float, default=1.0)
+    compute.add_argument("--concurrency", type=int, default=4)
+    compute.add_argument("--no-center", action="store_true",
+                         help="east: plain entropy-weighted mean (see docs/east.md)")
+    compute.add_argument("--description", default="")
+    args = parser.parse_args(argv)
+
+    url = args.url.rstrip("/")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    admin = {"Authorization": f"Bearer {args.admin_key or args.api_key}"} if (
+        args.admin_key or args.api_key) else {}
+    try:
+        if args.command == "list":
+            for v in _check(httpx.get(f"{url}/v1/steering/vectors", headers=headers))["data"]:
+                print(f"{v['id']:24s} layer {v['layer']:3d}  norm {v['norm']:9.3f}  "
+                      f"{v['method']:12s} {v['description']}")
+        elif args.command == "show":
+            print(json.dumps(_check(httpx.get(
+                f"{url}/v1/steering/vectors/{args.name}", headers=headers,
+                params={"include_values": args.values})), indent=2))
+        elif args.command == "upload":
+            meta = upload(url, admin, args.name, _load_vector_file(args.file), args.layer,
+                          "uploaded", args.file.name, args.description)
+            print(f"stored '{meta['id']}' (layer {meta['layer']}, norm {meta['norm']:.3f})")
+        elif args.command == "delete":
+            _check(httpx.delete(f"{url}/v1/steering/vectors/{args.name}", headers=admin))
+            print(f"deleted '{args.name}'")
+        else:
+            records = read_prompts(args.prompts)
+            if args.method == "east":
+                if not args.action_pattern:
+                    raise SystemExit("east needs --action-pattern")
+                vector, stats = compute_east(url, headers, records, args.layer, args.samples,
+                                             args.action_pattern, args.max_tokens,
+                                             args.temperature, args.concurrency,
+                                             center=not args.no_center)
+            else:
+                if not args.negative:
+                    raise SystemExit("contrastive needs --negative")
+                vector, stats = compute_contrastive(url, headers, records,
+                                                    read_prompts(args.negative), args.layer,
+                                                    args.concurrency)
+            meta = upload(url, admin, args.name, vector, args.layer, args.method,
+                          f"{args.prompts.name}: {json.dumps(stats)}", args.description)
+            print(json.dumps({"stored": meta["id"], "layer": meta["layer"],
+                              "norm": meta["norm"], **stats}, indent=2))
+    except (ServerError, httpx.HTTPError) as exc:
+        sys.exit(f"steer vectors: {exc}")
+
+
+if __name__ == "__main__":
+    main()
