@@ -2,7 +2,8 @@
 
 It wraps model loading so that, for engines started by entropy-steer (recognised by
 `additional_config["entropy_steer"]["layer_steering"]`), the decoder layers become steerable
-before vLLM compiles the model. Any other vLLM engine in the same environment is untouched.
+before vLLM compiles the model, and, on CPUs, the seeded-sampling fix in `cpu_fixes` is
+installed in that worker. Any other vLLM engine in the same environment is untouched.
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ def register() -> None:
         model = original(self, vllm_config, model_config, prefix)
         options = steering_options(vllm_config)
         if options:
+            from vllm.platforms import current_platform
+
+            from steering.vllm_adapter import cpu_fixes
             from steering.vllm_adapter.layer_steering import install_steerable_layers
 
+            if current_platform.is_cpu():
+                cpu_fixes.install()
             install_steerable_layers(model, vllm_config, slots=int(options["slots"]),
                                      capture_rows=int(options["capture_rows"]))
         return model

@@ -205,3 +205,16 @@ def test_stream_sse_ends_with_done(http):
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_seeded_request_with_a_chunked_prompt(openai_client, http):
+    """A prompt longer than one step's token budget is prefilled in chunks; vLLM 0.32's CPU
+    runner crashed on seeded requests there (steering/vllm_adapter/cpu_fixes.py). The same
+    request again (prompt now prefix-cached, so not chunked) must give the same tokens."""
+    prompt = "Tell me about rivers. " * 700  # ~3500 tokens; the CPU step budget is 2048
+    kwargs = dict(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=8, temperature=1.0,
+                  seed=42)
+    first = openai_client.completions.create(**kwargs).choices[0].text
+    second = openai_client.completions.create(**kwargs).choices[0].text
+    assert first == second
+    assert http.get("/health").status_code == 200
