@@ -28,6 +28,7 @@ import httpx
 
 ARMS = "ABCDE"
 ACTION_PATTERN = r"\b([A-E])\b"
+MAX_TOKENS = 8
 
 
 def bandit_prompt(rng: random.Random, arms: int, pulls: int) -> dict:
@@ -56,7 +57,7 @@ async def sample_actions(url: str, headers: dict, records: list[dict], samples: 
     semaphore = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as client:
         async def one(i: int, record: dict):
-            body = {"messages": record["messages"], "n": samples, "max_tokens": 4,
+            body = {"messages": record["messages"], "n": samples, "max_tokens": MAX_TOKENS,
                     "temperature": 1.0, "seed": 1000 + i}
             if steering:
                 body["steering"] = steering
@@ -120,7 +121,7 @@ def run(args) -> None:
     started = time.time()
     try:
         vector, stats = compute_east(url, headers, train, args.layer, args.samples,
-                                     ACTION_PATTERN, 4, 1.0, 4, center=True)
+                                     ACTION_PATTERN, MAX_TOKENS, 1.0, 4, center=True)
         upload(url, headers, "explore", vector, args.layer, "east",
                f"bandit train prompts (seed 1, {args.train}): {json.dumps(stats)}",
                "EAST vector from the project's text bandit task")
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--train", type=int, default=48)
     r.add_argument("--test", type=int, default=32)
     r.add_argument("--samples", type=int, default=12)
-    r.add_argument("--betas", type=float, nargs="+", default=[0, 2, 4, 8, 16, 32])
+    r.add_argument("--betas", type=float, nargs="+", default=[0, 0.25, 0.5, 1, 2, 4],
+                   help="scales; the vector has the mean activation norm, so β is relative")
     args = parser.parse_args(argv)
     if args.command == "prompts":
         for record in make_prompts(args.count, args.seed):

@@ -106,9 +106,13 @@ async def collect(url: str, headers: dict, records: list[dict], layer: int, samp
 
 def compute_east(url: str, headers: dict, records: list[dict], layer: int, samples: int,
                  pattern: str, max_tokens: int, temperature: float, concurrency: int,
-                 center: bool) -> tuple[torch.Tensor, dict]:
+                 center: bool, activation_norm: bool = True) -> tuple[torch.Tensor, dict]:
     """The EAST recipe: per prompt, k sampled actions → entropy of their empirical
-    distribution; the vector weights the prompts' last-token activations by it."""
+    distribution; the vector weights the prompts' last-token activations by it.
+
+    With `activation_norm` the vector is rescaled to the mean norm of those activations, so
+    that a scale β of 1 adds a perturbation as large as a typical activation at that layer
+    (the weighted, centred mean itself is orders of magnitude smaller)."""
     regex = re.compile(pattern)
     results = asyncio.run(collect(url, headers, records, layer, samples, max_tokens,
                                   temperature, concurrency, "sampling actions"))
@@ -122,10 +126,15 @@ def compute_east(url: str, headers: dict, records: list[dict], layer: int, sampl
             entropies.append(h)
     if not entropies:
         raise SystemExit("no completion matched --action-pattern: nothing to compute from")
-    vector = east_vector(torch.tensor(activations), torch.tensor(entropies), center=center)
+    acts = torch.tensor(activations)
+    vector = east_vector(acts, torch.tensor(entropies), center=center)
     stats = {"prompts": len(records), "prompts_used": len(entropies),
              "valid_action_rate": valid / (len(records) * samples),
-             "mean_action_entropy": sum(entropies) / len(entropies)}
+             "mean_action_entropy": sum(entropies) / len(entropies),
+             "raw_norm": float(vector.norm())}
+    if activation_norm:
+        stats["mean_activation_norm"] = float(acts.norm(dim=1).mean())
+        vector = vector / vector.norm() * stats["mean_activation_norm"]
     return vector, stats
 
 
@@ -192,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     compute.add_argument("--concurrency", type=int, default=4)
     compute.add_argument("--no-center", action="store_true",
                          help="east: plain entropy-weighted mean (see docs/east.md)")
+    compute.add_argument("--raw-norm", action="store_true",
+                         help="east: keep the weighted mean's own norm instead of the mean "
+                         "activation norm")
     compute.add_argument("--description", default="")
     args = parser.parse_args(argv)
 
@@ -223,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
                 vector, stats = compute_east(url, headers, records, args.layer, args.samples,
                                              args.action_pattern, args.max_tokens,
                                              args.temperature, args.concurrency,
-                                             center=not args.no_center)
+                                             center=not args.no_center,
+                                             activation_norm=not args.raw_norm)
             else:
                 if not args.negative:
                     raise SystemExit("contrastive needs --negative")

@@ -81,11 +81,13 @@ def serve(args: argparse.Namespace) -> None:
     from server.default_model import cache_dir
     from server.engine import Engine
 
+    bundled = args.model is None and not getattr(args, "model_path", None)
     engine_args = build_engine_args(args)
     names = engine_args.served_model_name
     model_name = (names[0] if isinstance(names, list) else names) or Path(args.model).name
     artifacts = args.artifacts_dir or cache_dir() / "artifacts" / model_name.replace("/", "--")
-    engine = Engine(engine_args, model_name, Path(artifacts), vector_slots=args.vector_slots)
+    engine = Engine(engine_args, model_name, Path(artifacts), vector_slots=args.vector_slots,
+                    bundled_model=bundled)
     app = create_app(engine, api_key=args.api_key, admin_key=args.admin_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
                 access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=30)

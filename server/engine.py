@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from server.default_model import seed_bundled_vectors
 from server.errors import EngineBusy, EngineUnavailable, InvalidRequest, NotFound
 from steering.artifacts import ArtifactNotFound, VectorStore
 from steering.vllm_adapter.layer_steering import DEFAULT_CAPTURE_ROWS, DEFAULT_SLOTS
@@ -141,8 +142,9 @@ class Engine:
     process."""
 
     def __init__(self, engine_args, model_name: str, artifacts_dir: Path,
-                 vector_slots: int = DEFAULT_SLOTS) -> None:
+                 vector_slots: int = DEFAULT_SLOTS, bundled_model: bool = False) -> None:
         self._engine_args = engine_args
+        self._bundled_model = bundled_model  # then its ready-made vectors are installed
         self.model_name = model_name
         self._artifacts_dir = artifacts_dir
         self._slot_count = vector_slots
@@ -189,6 +191,8 @@ class Engine:
         self._capture_slots = asyncio.Semaphore(table["capture_rows"])
         self.vectors = VectorStore(self._artifacts_dir / "vectors", self.model_name,
                                    table["hidden_size"], self.num_layers)
+        if self._bundled_model:
+            seed_bundled_vectors(self.vectors)
 
     async def shutdown(self) -> None:
         if self._llm is not None:

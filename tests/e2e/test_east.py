@@ -147,7 +147,8 @@ def test_bad_east_requests(http, vectors, east, status, param):
 
 def test_vector_routes_and_admin_key(server, http, admin_http, vectors):
     listing = http.get("/v1/steering/vectors").json()["data"]
-    assert {"dir-a", "dir-b"} <= {v["id"] for v in listing}
+    assert {"dir-a", "dir-b", "explore"} <= {v["id"] for v in listing}  # explore: bundled
+    assert next(v for v in listing if v["id"] == "explore")["method"] == "east"
     assert all("path" not in v and "/" not in str(v.get("source", "")) for v in listing)
     one = http.get("/v1/steering/vectors/dir-a", params={"include_values": True}).json()
     assert one["layer"] == LAYER and len(one["values"]) == 576
@@ -243,3 +244,18 @@ def test_compute_east_vector_with_the_cli(server, tmp_path):
                        headers={"Authorization": f"Bearer {API_KEY}"}).json()
     assert stored["method"] == "east" and stored["norm"] > 0
     assert '"prompts_used"' in stored["source"]
+
+
+def test_steered_prompts_never_reuse_unsteered_prefix_cache(openai_client, hf_model, vectors):
+    """A long prompt (several full KV blocks) is cached by an unsteered request first; the
+    same prompt steered on all positions must not reuse those blocks (cache_salt), so it still
+    equals the HF reference steered from the first token."""
+    prompt = "Here is a list of things to pack for a trip to the mountains: " * 40
+    plain = complete(openai_client, prompt, max_tokens=8)
+    assert plain["token_ids"]
+    steered = complete(openai_client, prompt, {"east": {
+        "vector": "dir-a", "scale": 4.0, "positions": "all"}}, max_tokens=8)
+    reference = hf_steered_greedy(hf_model, steered["prompt_token_ids"], 8,
+                                  [(vectors["dir-a"], 4.0, LAYER)], all_positions=True)
+    assert len(steered["prompt_token_ids"]) > 4 * 128  # several KV blocks (128 on CPU)
+    assert steered["token_ids"] == reference

@@ -68,3 +68,14 @@ def test_overwrite_is_atomic_replace(tmp_path):
     assert values.tolist() == [0.0, 0.0, 0.0, 1.0] and meta.layer == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.safetensors"]
     assert torch.equal(values, s.get("v")[0])
+
+
+def test_bundled_vectors_are_seeded_once(tmp_path):
+    from server.default_model import BUNDLED_VECTORS, seed_bundled_vectors
+
+    s = VectorStore(tmp_path, model="SmolLM2-135M-Instruct", hidden_size=576, num_layers=30)
+    seed_bundled_vectors(s)
+    assert {m.name for m in s.list()} == set(BUNDLED_VECTORS)
+    s.delete("explore")
+    seed_bundled_vectors(s)  # the user's deletion stands
+    assert s.list() == []
