@@ -149,7 +149,9 @@ def test_vector_routes_and_admin_key(server, http, admin_http, vectors):
     listing = http.get("/v1/steering/vectors").json()["data"]
     assert {"dir-a", "dir-b", "explore"} <= {v["id"] for v in listing}  # explore: bundled
     assert next(v for v in listing if v["id"] == "explore")["method"] == "east"
-    assert all("path" not in v and "/" not in str(v.get("source", "")) for v in listing)
+    artifacts = str(server.log_path.parent / "artifacts")
+    assert artifacts not in http.get("/v1/steering/vectors").text  # no file-system paths
+    assert not any("path" in v or "file" in v for v in listing)
     one = http.get("/v1/steering/vectors/dir-a", params={"include_values": True}).json()
     assert one["layer"] == LAYER and len(one["values"]) == 576
     upload = {"name": "tmp", "values": [0.0] * 576, "layer": 0}

@@ -77,7 +77,8 @@ def test_client_disconnect_aborts_engine_requests(server, http):
         return metric_value(http.get("/metrics").text, "vllm:num_requests_running")
 
     payload = {"model": MODEL, "prompt": "Write a very long story about a dragon.",
-               "max_tokens": 2000, "temperature": 1.0, "n": 2, "stream": True}
+               "max_tokens": 2000, "temperature": 1.0, "n": 2, "stream": True,
+               "ignore_eos": True}  # long enough to still run when the client leaves
     with httpx.stream("POST", f"{server.base_url}/v1/completions", json=payload,
                       headers=http.headers, timeout=60) as response:
         for i, _ in enumerate(response.iter_lines()):
