@@ -261,3 +261,36 @@ def test_steered_prompts_never_reuse_unsteered_prefix_cache(openai_client, hf_mo
                                   [(vectors["dir-a"], 4.0, LAYER)], all_positions=True)
     assert len(steered["prompt_token_ids"]) > 4 * 128  # several KV blocks (128 on CPU)
     assert steered["token_ids"] == reference
+
+
+def test_hidden_states_at_the_steered_layer_across_requests(openai_client, hf_model, vectors):
+    """Capturing the very layer being steered, request after request, returns the stream with
+    the steering added once. (HF's own hidden_states record a layer's output before forward
+    hooks edit it, so the reference here is read by a second hook after the steering one.)"""
+    model, _ = hf_model
+    for prompt in ["A fresh prompt about cats and dogs", "Another new prompt about the sea",
+                   "A fresh prompt about cats and dogs"]:
+        reply = complete(openai_client, prompt, {"east": {"vector": "dir-b", "scale": 3.0},
+                                                 "return_hidden_states": [LAYER]}, max_tokens=3)
+        ids = reply["prompt_token_ids"]
+        seen = {}
+
+        def add(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = hidden.clone()
+            hidden[:, len(ids) - 1:] += 3.0 * vectors["dir-b"]
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        def record(module, args, output):
+            seen["stream"] = (output[0] if isinstance(output, tuple) else output)[0, -1].clone()
+        hooks = [model.model.layers[LAYER].register_forward_hook(add),
+                 model.model.layers[LAYER].register_forward_hook(record)]
+        try:
+            with torch.no_grad():
+                model(torch.tensor([ids]))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        expected = seen["stream"]
+        got = torch.tensor(reply["steering"]["hidden_states"][str(LAYER)])
+        assert torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max()), prompt
