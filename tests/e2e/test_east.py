@@ -265,8 +265,9 @@ def test_steered_prompts_never_reuse_unsteered_prefix_cache(openai_client, hf_mo
 
 def test_hidden_states_at_the_steered_layer_across_requests(openai_client, hf_model, vectors):
     """Capturing the very layer being steered, request after request, returns the stream with
-    the steering added once. (HF's own hidden_states record a layer's output before forward
-    hooks edit it, so the reference here is read by a second hook after the steering one.)"""
+    the steering added once. (transformers records hidden_states through hooks of its own, so
+    whether a forward hook's edit of that same layer shows up there depends on hook order; the
+    reference here is read by a second hook registered after the steering one.)"""
     model, _ = hf_model
     for prompt in ["A fresh prompt about cats and dogs", "Another new prompt about the sea",
                    "A fresh prompt about cats and dogs"]:
