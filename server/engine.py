@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import tempfile
 import time
@@ -339,6 +338,7 @@ class Engine:
                     if entropy_per_delta or finished:
                         if not await trace.wait_for(produced, TELEMETRY_TIMEOUT_S):
                             logger.warning("entropy telemetry for %s is incomplete", request_id)
+                    entropy, varentropy = trace.window(start, produced)
                     hidden_states = None
                     if finished and capturing:
                         hidden_states = await self._take_capture(request_id,
@@ -350,8 +350,8 @@ class Engine:
                         logprobs=_convert_logprobs(
                             completion.logprobs, completion.token_ids, options.logprobs
                         ),
-                        entropy=_window(trace.entropy, start, produced),
-                        varentropy=_window(trace.varentropy, start, produced),
+                        entropy=entropy,
+                        varentropy=varentropy,
                         finish_reason=completion.finish_reason,
                         trace=trace if finished else None,
                     )
@@ -390,12 +390,6 @@ def _steering_fingerprint(specs: tuple[EastSpec, ...], vectors) -> str:
     parts = [(name, created, spec.scale, spec.layers, spec.all_positions)
              for spec, (name, created, _) in zip(specs, vectors)]
     return "east:" + hashlib.sha256(repr(sorted(parts)).encode()).hexdigest()
-
-
-def _window(values: list[float], start: int, stop: int) -> list[float | None]:
-    out = values[start:stop]
-    out += [math.nan] * (stop - start - len(out))
-    return [None if math.isnan(v) else v for v in out]
 
 
 def _convert_logprobs(logprobs, token_ids, top_k: int | None) -> list[TokenLogprob] | None:

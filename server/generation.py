@@ -4,7 +4,6 @@ the per-choice steering report, and the metrics. Shared by both generation route
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -88,12 +87,7 @@ class ChoiceResult:
         if delta.hidden_states is not None:
             self.hidden_states = delta.hidden_states
         if delta.trace is not None:
-            self.entropy = _clean(delta.trace.entropy[: len(self.token_ids)])
-            self.varentropy = _clean(delta.trace.varentropy[: len(self.token_ids)])
-
-
-def _clean(values: list[float]) -> list[float | None]:
-    return [None if math.isnan(v) else v for v in values]
+            self.entropy, self.varentropy = delta.trace.window(0, len(self.token_ids))
 
 
 def _summary(values: list[float | None]) -> dict:

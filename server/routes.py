@@ -106,9 +106,7 @@ async def completions(body: CompletionRequest, request: Request,
                 choice = {"index": index, "text": delta.text,
                           "logprobs": _completion_logprobs(delta.logprobs, 0),
                           "finish_reason": delta.finish_reason}
-                _attach_stream_steering(choice, generation, index, delta)
-                if body.return_token_ids:
-                    choice["token_ids"] = delta.token_ids
+                _annotate_chunk(choice, body, generation, index, delta)
                 yield envelope([choice])
             if body.stream_options and body.stream_options.include_usage:
                 yield {**envelope([]), "usage": generation.usage()}
@@ -151,9 +149,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                 choice = {"index": index, "delta": {"content": delta.text},
                           "logprobs": _chat_logprobs(delta.logprobs) if body.logprobs else None,
                           "finish_reason": delta.finish_reason}
-                _attach_stream_steering(choice, generation, index, delta)
-                if body.return_token_ids:
-                    choice["token_ids"] = delta.token_ids
+                _annotate_chunk(choice, body, generation, index, delta)
                 yield envelope("chat.completion.chunk", [choice])
             if body.stream_options and body.stream_options.include_usage:
                 yield {**envelope("chat.completion.chunk", []), "usage": generation.usage()}
@@ -174,8 +170,12 @@ def _token_ids(body: GenerationRequest, generation: Generation, result: ChoiceRe
     return {"prompt_token_ids": generation.jobs[result.index][0], "token_ids": result.token_ids}
 
 
-def _attach_stream_steering(choice: dict, generation: Generation, index: int, delta) -> None:
-    """Per-token entropy on every chunk when asked; the full report on a choice's last chunk."""
+def _annotate_chunk(choice: dict, body: GenerationRequest, generation: Generation, index: int,
+                    delta) -> None:
+    """Our extensions on a stream chunk: token ids and per-token entropy when asked, and the
+    full steering report on a choice's last chunk."""
+    if body.return_token_ids:
+        choice["token_ids"] = delta.token_ids
     plan = generation.plan
     if delta.finish_reason is not None:
         choice["steering"] = generation.report(index)

@@ -70,6 +70,14 @@ class EntropyTrace:
             self.varentropy[position] = varentropy
         self._changed.set()
 
+    def window(self, start: int, stop: int) -> tuple[list[float | None], list[float | None]]:
+        """Entropy and varentropy of positions [start, stop); None where never measured."""
+        def known(values: list[float]) -> list[float | None]:
+            out = values[start:stop]
+            out += [math.nan] * (stop - start - len(out))
+            return [None if math.isnan(v) else v for v in out]
+        return known(self.entropy), known(self.varentropy)
+
     async def wait_for(self, count: int, timeout: float) -> bool:
         """Wait until the first `count` positions are known; False on timeout."""
         loop = asyncio.get_running_loop()

@@ -57,3 +57,13 @@ def test_apply_masks_only_its_rows_exactly_as_the_core():
 def test_validate_params_rejects_out_of_range(bad):
     with pytest.raises(ValueError):
         TypicalLogitsProcessor.validate_params(params(bad))
+
+
+def test_entropy_trace_window_marks_unmeasured_positions():
+    from steering.vllm_adapter.telemetry import EntropyTrace
+
+    trace = EntropyTrace()
+    trace.record(0, 1.0, 2.0)
+    trace.record(2, 3.0, 4.0)  # position 1 was never reported
+    assert trace.window(0, 4) == ([1.0, None, 3.0, None], [2.0, None, 4.0, None])
+    assert trace.window(2, 3) == ([3.0], [4.0])
