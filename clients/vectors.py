@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -30,21 +29,8 @@ import httpx
 import torch
 from tqdm import tqdm
 
+from clients.http import ServerError, add_server_arguments, auth_headers, check
 from steering.east import action_entropy, contrastive_vector, east_vector
-
-
-class ServerError(RuntimeError):
-    pass
-
-
-def _check(response: httpx.Response) -> dict:
-    if response.status_code >= 400:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text
-        raise ServerError(f"HTTP {response.status_code}: {message}")
-    return response.json()
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -69,11 +55,11 @@ async def sample_with_activations(client: httpx.AsyncClient, record: dict, layer
     body = {"n": samples, "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
             "steering": {"return_hidden_states": [layer]}}
     if "messages" in record:
-        reply = _check(await client.post("/v1/chat/completions",
+        reply = check(await client.post("/v1/chat/completions",
                                          json={**body, "messages": record["messages"]}))
         texts = [c["message"]["content"] for c in reply["choices"]]
     else:
-        reply = _check(await client.post("/v1/completions",
+        reply = check(await client.post("/v1/completions",
                                          json={**body, "prompt": record["prompt"]}))
         texts = [c["text"] for c in reply["choices"]]
     return texts, reply["choices"][0]["steering"]["hidden_states"][str(layer)]
@@ -150,7 +136,7 @@ def compute_contrastive(url: str, headers: dict, positive: list[dict], negative:
 
 def upload(url: str, admin_headers: dict, name: str, vector, layer: int, method: str,
            source: str, description: str) -> dict:
-    return _check(httpx.post(f"{url}/v1/steering/vectors", headers=admin_headers, timeout=60,
+    return check(httpx.post(f"{url}/v1/steering/vectors", headers=admin_headers, timeout=60,
                              json={"name": name, "values": [float(v) for v in vector],
                                    "layer": layer, "method": method, "source": source,
                                    "description": description}))
@@ -172,9 +158,7 @@ def _load_vector_file(path: Path) -> list[float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="steer vectors", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=os.environ.get("STEER_URL", "http://127.0.0.1:8000"))
-    parser.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"))
-    parser.add_argument("--admin-key", default=os.environ.get("STEER_ADMIN_KEY"))
+    add_server_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="stored vectors")
     show = sub.add_parser("show", help="one vector's metadata")
@@ -208,31 +192,29 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     url = args.url.rstrip("/")
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    admin = {"Authorization": f"Bearer {args.admin_key or args.api_key}"} if (
-        args.admin_key or args.api_key) else {}
+    read, admin = auth_headers(args), auth_headers(args, admin=True)
     try:
         if args.command == "list":
-            for v in _check(httpx.get(f"{url}/v1/steering/vectors", headers=headers))["data"]:
+            for v in check(httpx.get(f"{url}/v1/steering/vectors", headers=read))["data"]:
                 print(f"{v['id']:24s} layer {v['layer']:3d}  norm {v['norm']:9.3f}  "
                       f"{v['method']:12s} {v['description']}")
         elif args.command == "show":
-            print(json.dumps(_check(httpx.get(
-                f"{url}/v1/steering/vectors/{args.name}", headers=headers,
+            print(json.dumps(check(httpx.get(
+                f"{url}/v1/steering/vectors/{args.name}", headers=read,
                 params={"include_values": args.values})), indent=2))
         elif args.command == "upload":
             meta = upload(url, admin, args.name, _load_vector_file(args.file), args.layer,
                           "uploaded", args.file.name, args.description)
             print(f"stored '{meta['id']}' (layer {meta['layer']}, norm {meta['norm']:.3f})")
         elif args.command == "delete":
-            _check(httpx.delete(f"{url}/v1/steering/vectors/{args.name}", headers=admin))
+            check(httpx.delete(f"{url}/v1/steering/vectors/{args.name}", headers=admin))
             print(f"deleted '{args.name}'")
         else:
             records = read_prompts(args.prompts)
             if args.method == "east":
                 if not args.action_pattern:
                     raise SystemExit("east needs --action-pattern")
-                vector, stats = compute_east(url, headers, records, args.layer, args.samples,
+                vector, stats = compute_east(url, read, records, args.layer, args.samples,
                                              args.action_pattern, args.max_tokens,
                                              args.temperature, args.concurrency,
                                              center=not args.no_center,
@@ -240,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 if not args.negative:
                     raise SystemExit("contrastive needs --negative")
-                vector, stats = compute_contrastive(url, headers, records,
+                vector, stats = compute_contrastive(url, read, records,
                                                     read_prompts(args.negative), args.layer,
                                                     args.concurrency)
             meta = upload(url, admin, args.name, vector, args.layer, args.method,

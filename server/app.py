@@ -7,23 +7,30 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 
 from server.artifact_routes import router as artifact_router
+from server.diffadapt import DEFAULT_MAX_TOKENS, DifficultyRouter
 from server.engine import Engine
 from server.errors import PayloadTooLarge, error_response, install_error_handlers
 from server.metrics import SteerMetrics
 from server.routes import ServerState, ops, v1
+from steering.diffadapt import DEFAULT_STRATEGIES, Strategy
 
 MAX_BODY_BYTES = 8 << 20
 
 
 def create_app(engine: Engine, api_key: str | None = None, admin_key: str | None = None,
-               metrics: SteerMetrics | None = None) -> FastAPI:
-    """An app that starts `engine` on start-up and shuts it down on exit."""
+               strategies: dict[str, Strategy] | None = None,
+               diffadapt_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+    """An app that starts `engine` on start-up and shuts it down on exit; `strategies` are
+    DiffAdapt's (default: the paper's)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
-        app.state.steer = ServerState(engine, metrics or SteerMetrics(), engine.model_name,
-                                      api_key, admin_key)
+        metrics = SteerMetrics()
+        router = DifficultyRouter(engine, metrics, strategies or dict(DEFAULT_STRATEGIES),
+                                  diffadapt_max_tokens)
+        app.state.steer = ServerState(engine, metrics, router, engine.model_name, api_key,
+                                      admin_key)
         try:
             yield
         finally:

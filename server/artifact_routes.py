@@ -1,4 +1,5 @@
-"""Steering artifacts over HTTP: /v1/steering/vectors (list, get, upload, delete).
+"""Steering artifacts over HTTP: /v1/steering/vectors and /v1/steering/probes (list, get,
+upload, delete).
 
 Reads need the API key (when set); writes need the admin key (when set). Listings show
 metadata only, never file-system paths.
@@ -9,10 +10,11 @@ from __future__ import annotations
 import hmac
 from dataclasses import asdict
 
+import torch
 from fastapi import APIRouter, Depends, Request
 
 from server.errors import Forbidden, InvalidRequest, NotFound
-from server.protocol import VectorUpload
+from server.protocol import ProbeUpload, VectorUpload
 from server.routes import ServerState, bearer_token, get_state, require_api_key
 from steering.artifacts import ArtifactError, ArtifactNotFound, check_name
 
@@ -74,3 +76,54 @@ async def delete_vector(name: str, state: ServerState = Depends(get_state)):
     except ArtifactNotFound:
         raise NotFound(f"no steering vector named '{name}'", "name", "vector_not_found") from None
     return {"object": "steering.vector.deleted", "id": name, "deleted": True}
+
+
+def _probe_record(meta) -> dict:
+    return {"object": "steering.probe", "id": meta.name, **asdict(meta)}
+
+
+def _probe_not_found(name: str) -> NotFound:
+    return NotFound(f"no probe named '{name}'", "name", "probe_not_found")
+
+
+@router.get("/probes")
+async def list_probes(state: ServerState = Depends(get_state)):
+    return {"object": "list", "data": [_probe_record(m) for m in state.engine.probes.list()]}
+
+
+@router.get("/probes/{name}")
+async def get_probe(name: str, include_weights: bool = False,
+                    state: ServerState = Depends(get_state)):
+    try:
+        probe, meta = state.engine.probes.get(_name(name))
+    except ArtifactNotFound:
+        raise _probe_not_found(name) from None
+    record = _probe_record(meta)
+    if include_weights:
+        record["weights"] = {k: v.tolist() for k, v in probe.tensors().items()}
+    return record
+
+
+@router.post("/probes", status_code=201, dependencies=[Depends(require_admin_key)])
+async def upload_probe(body: ProbeUpload, state: ServerState = Depends(get_state)):
+    try:
+        tensors = {k: torch.tensor(v, dtype=torch.float32) for k, v in body.weights.items()}
+    except (ValueError, TypeError) as exc:  # ragged nested lists
+        raise InvalidRequest(f"weights: {exc}", "weights") from None
+    try:
+        meta = state.engine.probes.put(
+            _name(body.name), tensors, thresholds=body.thresholds.model_dump(),
+            metrics=body.metrics, source=body.source, description=body.description,
+            model=body.model)
+    except ArtifactError as exc:
+        raise InvalidRequest(str(exc), exc.param) from None
+    return _probe_record(meta)
+
+
+@router.delete("/probes/{name}", dependencies=[Depends(require_admin_key)])
+async def delete_probe(name: str, state: ServerState = Depends(get_state)):
+    try:
+        state.engine.probes.delete(_name(name))
+    except ArtifactNotFound:
+        raise _probe_not_found(name) from None
+    return {"object": "steering.probe.deleted", "id": name, "deleted": True}

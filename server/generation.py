@@ -8,9 +8,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from server.diffadapt import Decision
 from server.engine import ChoiceDelta, EastSpec, Engine, SamplingOptions, TokenLogprob
 from server.metrics import SteerMetrics
-from server.protocol import GenerationRequest
+from server.protocol import DiffAdaptOptions, GenerationRequest
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class Plan:
     return_entropy: bool
     east: tuple[EastSpec, ...] = ()
     capture_layers: tuple[int, ...] = ()
+    capture_final: bool = False
+    diffadapt: DiffAdaptOptions | None = None
 
     @classmethod
     def of(cls, request: GenerationRequest) -> Plan:
@@ -29,14 +32,18 @@ class Plan:
                               layers=tuple(o.layers) if o.layers else None,
                               all_positions=o.positions == "all")
                      for o in request.east_options)
-        capture = request.steering.return_hidden_states if request.steering else None
+        steering = request.steering
+        capture = (steering.return_hidden_states if steering else None) or []
         return cls(typical_p=mass if mass is not None and mass < 1 else None,
                    return_entropy=request.return_entropy, east=east,
-                   capture_layers=tuple(capture or ()))
+                   capture_layers=tuple(dict.fromkeys(x for x in capture if x != "final")),
+                   capture_final="final" in capture,
+                   diffadapt=steering.diffadapt if steering else None)
 
     @property
     def methods(self) -> tuple[str, ...]:
-        return tuple(name for name, used in (("east", bool(self.east)),
+        return tuple(name for name, used in (("diffadapt", self.diffadapt is not None),
+                                             ("east", bool(self.east)),
                                              ("typical", self.typical_p is not None)) if used)
 
     @property
@@ -46,10 +53,12 @@ class Plan:
 
 
 def sampling_options(request: GenerationRequest, plan: Plan, max_tokens: int | None,
-                     logprobs: int | None, choice: int) -> SamplingOptions:
+                     logprobs: int | None, choice: int,
+                     decision: Decision | None = None) -> SamplingOptions:
+    """One choice's engine options; a DiffAdapt decision sets the budget and temperature."""
     return SamplingOptions(
-        max_tokens=max_tokens,
-        temperature=request.temperature,
+        max_tokens=decision.max_tokens if decision else max_tokens,
+        temperature=decision.strategy.temperature if decision else request.temperature,
         top_p=request.top_p,
         top_k=request.top_k,
         min_p=request.min_p,
@@ -62,6 +71,7 @@ def sampling_options(request: GenerationRequest, plan: Plan, max_tokens: int | N
         typical_p=plan.typical_p,
         east=plan.east,
         capture_layers=plan.capture_layers,
+        capture_final=plan.capture_final,
         ignore_eos=request.ignore_eos,
     )
 
@@ -77,7 +87,7 @@ class ChoiceResult:
     finish_reason: str | None = None
     entropy: list[float | None] = field(default_factory=list)
     varentropy: list[float | None] = field(default_factory=list)
-    hidden_states: dict[int, list[float]] | None = None
+    hidden_states: dict[int | str, list[float]] | None = None
 
     def add(self, delta: ChoiceDelta) -> None:
         self.text += delta.text
@@ -97,9 +107,12 @@ def _summary(values: list[float | None]) -> dict:
     return {"mean": sum(known) / len(known), "max": max(known), "last": known[-1]}
 
 
-def steering_report(plan: Plan, result: ChoiceResult, options: SamplingOptions) -> dict:
+def steering_report(plan: Plan, result: ChoiceResult, options: SamplingOptions,
+                    decision: Decision | None) -> dict:
     """The per-choice `steering` object of a finished choice (`options` as admitted)."""
     report: dict = {"methods": list(plan.methods)}
+    if decision is not None:
+        report["diffadapt"] = decision.report()
     if plan.typical_p is not None:
         report["typical"] = {"p": plan.typical_p}
     if options.east:
@@ -120,9 +133,11 @@ class Generation:
     """One HTTP request's choices, run concurrently on the engine and merged into one stream."""
 
     def __init__(self, engine: Engine, metrics: SteerMetrics, model: str, plan: Plan,
-                 jobs: list[tuple[list[int], SamplingOptions]], stream_entropy: bool):
+                 jobs: list[tuple[list[int], SamplingOptions]], stream_entropy: bool,
+                 decisions: list[Decision] | None = None):
         self.engine, self.metrics, self.model, self.plan = engine, metrics, model, plan
         self.jobs = [(prompt, engine.admit(prompt, options)) for prompt, options in jobs]
+        self.decisions = decisions or [None] * len(jobs)  # DiffAdapt's, one per job
         self.stream_entropy = stream_entropy
         self.arrival = time.monotonic()
         self.results = [ChoiceResult(index=i) for i in range(len(jobs))]
@@ -133,7 +148,8 @@ class Generation:
         return sum(len(r.token_ids) for r in self.results)
 
     def report(self, index: int) -> dict:
-        return steering_report(self.plan, self.results[index], self.jobs[index][1])
+        return steering_report(self.plan, self.results[index], self.jobs[index][1],
+                               self.decisions[index])
 
     def usage(self) -> dict:
         return {

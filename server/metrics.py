@@ -46,6 +46,10 @@ class SteerMetrics:
             "steer_steered_tokens", "Generated tokens whose residual stream was steered (EAST)",
             LABELS, registry=registry,
         )
+        self.difficulty = Counter(
+            "steer_difficulty_class", "Questions by the difficulty class a DiffAdapt probe gave "
+            "them", ("model", "difficulty"), registry=registry,
+        )
         self.ttft = Histogram(
             "steer_time_to_first_token_seconds",
             "Time from request arrival to the first generated token",

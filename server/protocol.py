@@ -43,6 +43,30 @@ class EastOptions(StrictModel):
         "prompt token on); 'all': prompt positions too")
 
 
+class StrategyOverride(StrictModel):
+    """Changes to one difficulty class's strategy (unset fields keep the server's)."""
+
+    prompt: Annotated[str, Field(min_length=1, max_length=4096, description=(
+        "wraps the question: '{question}' marks where it goes"))] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    budget: Annotated[float, Field(gt=0, le=1, description=(
+        "fraction of the request's max tokens"))] | None = None
+
+    @model_validator(mode="after")
+    def _one_placeholder(self):
+        if self.prompt is not None and self.prompt.count("{question}") != 1:
+            raise ValueError("a strategy prompt must contain '{question}' exactly once")
+        return self
+
+
+class DiffAdaptOptions(StrictModel):
+    """DiffAdapt (arXiv 2510.19669): a probe on the prompt's last hidden state picks the
+    easy / normal / hard strategy (prompt, temperature, share of max tokens)."""
+
+    probe: Annotated[str, Field(min_length=1, max_length=64, description="stored probe name")]
+    strategies: dict[Literal["easy", "normal", "hard"], StrategyOverride] | None = None
+
+
 class SteeringOptions(StrictModel):
     """Per-request steering methods and reporting."""
 
@@ -53,10 +77,12 @@ class SteeringOptions(StrictModel):
     return_entropy: bool = Field(
         default=False, description="add per-token entropy and varentropy lists to the response"
     )
+    diffadapt: DiffAdaptOptions | None = None
     return_hidden_states: Annotated[
-        list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=8)
-    ] | None = Field(default=None, description="decoder layers whose residual stream at the "
-                     "last prompt token to return (HF's hidden_states[layer + 1])")
+        list[Annotated[int, Field(ge=0)] | Literal["final"]], Field(min_length=1, max_length=8)
+    ] | None = Field(default=None, description="hidden states at the last prompt token: a "
+                     "decoder layer's residual stream (HF's hidden_states[layer + 1] below the "
+                     "last layer), or 'final': after the final norm (HF's last_hidden_state)")
 
 
 class StreamOptions(StrictModel):
@@ -188,5 +214,25 @@ class VectorUpload(StrictModel):
     layer: Annotated[int, Field(ge=0)]
     model: str | None = Field(default=None, description="must be the served model if given")
     method: Annotated[str, Field(max_length=64)] = "uploaded"
+    source: Annotated[str, Field(max_length=1024)] = ""
+    description: Annotated[str, Field(max_length=4096)] = ""
+
+
+class ProbeThresholds(StrictModel):
+    alpha: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+    beta: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    gamma: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class ProbeUpload(StrictModel):
+    """A DiffAdapt difficulty probe uploaded over HTTP (what `steer probe train` makes)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    weights: dict[str, list[float] | list[list[float]]] = Field(
+        description="tensors by name: feature_mean, feature_scale, net.0.weight, net.0.bias "
+        "(and net.2.* for the MLP)")
+    thresholds: ProbeThresholds
+    metrics: dict[str, float | int] = {}
+    model: str | None = Field(default=None, description="must be the served model if given")
     source: Annotated[str, Field(max_length=1024)] = ""
     description: Annotated[str, Field(max_length=4096)] = ""

@@ -13,8 +13,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from server.diffadapt import DifficultyRouter, reject_conflicts
 from server.engine import Engine, TokenLogprob
-from server.errors import NotFound, Unauthorized
+from server.errors import InvalidRequest, NotFound, Unauthorized
 from server.generation import ChoiceResult, Generation, Plan, sampling_options
 from server.metrics import SteerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
@@ -23,9 +24,10 @@ from server.protocol import ChatCompletionRequest, CompletionRequest, Generation
 class ServerState:
     """What the routes need, stored on `app.state.steer`."""
 
-    def __init__(self, engine: Engine, metrics: SteerMetrics, model_name: str,
-                 api_key: str | None, admin_key: str | None = None) -> None:
+    def __init__(self, engine: Engine, metrics: SteerMetrics, router: DifficultyRouter,
+                 model_name: str, api_key: str | None, admin_key: str | None = None) -> None:
         self.engine, self.metrics, self.model_name = engine, metrics, model_name
+        self.router = router
         self.api_key, self.admin_key = api_key, admin_key
         self.created = int(time.time())
 
@@ -89,11 +91,19 @@ async def completions(body: CompletionRequest, request: Request,
     _check_model(state, body)
     plan = Plan.of(body)
     engine = state.engine
-    prompts = [p if isinstance(p, list) else engine.encode(p) for p in body.prompts()]
-    jobs = [(prompt, sampling_options(body, plan, body.max_tokens, body.logprobs, j))
-            for prompt in prompts for j in range(body.n)]
+    if plan.diffadapt:
+        reject_conflicts(body)
+        if not all(isinstance(p, str) for p in body.prompts()):
+            raise InvalidRequest("steering.diffadapt wraps the question in a strategy prompt: "
+                                 "send the prompt as text", "prompt")
+        limit = body.max_tokens if "max_tokens" in body.model_fields_set else None
+        routed = await state.router.route(plan.diffadapt, body.prompts(), engine.encode, limit)
+    else:
+        routed = [(p if isinstance(p, list) else engine.encode(p), None) for p in body.prompts()]
+    jobs, decisions = _fan_out(body, plan, routed, body.max_tokens, body.logprobs)
     generation = Generation(engine, state.metrics, state.model_name, plan, jobs,
-                            stream_entropy=body.stream and plan.return_entropy)
+                            stream_entropy=body.stream and plan.return_entropy,
+                            decisions=decisions)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def envelope(choices: list[dict]) -> dict:
@@ -126,13 +136,28 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                            state: ServerState = Depends(get_state)):
     _check_model(state, body)
     plan = Plan.of(body)
-    prompt = state.engine.encode_chat([{"role": m.role, "content": m.text()}
-                                       for m in body.messages])
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    if plan.diffadapt:
+        reject_conflicts(body)
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        if last_user is None:
+            raise InvalidRequest("steering.diffadapt needs a user message (the question)",
+                                 "messages")
+
+        def render(question: str) -> list[int]:
+            wrapped = [*messages]
+            wrapped[last_user] = {**messages[last_user], "content": question}
+            return state.engine.encode_chat(wrapped)
+
+        routed = await state.router.route(plan.diffadapt, [messages[last_user]["content"]],
+                                          render, body.token_limit)
+    else:
+        routed = [(state.engine.encode_chat(messages), None)]
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    jobs = [(prompt, sampling_options(body, plan, body.token_limit, logprobs, j))
-            for j in range(body.n)]
+    jobs, decisions = _fan_out(body, plan, routed, body.token_limit, logprobs)
     generation = Generation(state.engine, state.metrics, state.model_name, plan, jobs,
-                            stream_entropy=body.stream and plan.return_entropy)
+                            stream_entropy=body.stream and plan.return_entropy,
+                            decisions=decisions)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def envelope(obj: str, choices: list[dict]) -> dict:
@@ -162,6 +187,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         "finish_reason": r.finish_reason, "steering": generation.report(r.index),
         **_token_ids(body, generation, r),
     } for r in results]), "usage": generation.usage()}
+
+
+def _fan_out(body: GenerationRequest, plan: Plan, routed: list, max_tokens: int | None,
+             logprobs: int | None) -> tuple[list, list]:
+    """Jobs (prompt ids, options) for prompts × n, and each job's DiffAdapt decision."""
+    jobs, decisions = [], []
+    for prompt, decision in routed:
+        for j in range(body.n):
+            jobs.append((prompt, sampling_options(body, plan, max_tokens, logprobs, j, decision)))
+            decisions.append(decision)
+    return jobs, decisions
 
 
 def _token_ids(body: GenerationRequest, generation: Generation, result: ChoiceResult) -> dict:

@@ -1,4 +1,5 @@
-"""Named steering artifacts on disk: one safetensors file each, metadata in its header.
+"""Named steering artifacts on disk (steering vectors, difficulty probes): one safetensors file
+each, metadata in its header.
 
 One file per artifact makes every write a single atomic step (write a temporary file, fsync,
 rename, fsync the folder): a reader or a restart sees the old artifact or the new one, never a
@@ -16,10 +17,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from steering.diffadapt import CLASSES, DifficultyProbe
 
 logger = logging.getLogger("entropy_steer.artifacts")
 
@@ -52,6 +56,20 @@ class VectorMeta:
     norm: float
 
 
+@dataclass(frozen=True)
+class ProbeMeta:
+    name: str
+    model: str
+    hidden_size: int
+    width: int  # 0: a linear head
+    classes: list[str]
+    thresholds: dict  # the labelling thresholds {alpha, beta, gamma} it was trained on
+    metrics: dict  # held-out accuracy and baselines, sizes
+    source: str
+    description: str
+    created: float
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
         raise ArtifactError(
@@ -78,71 +96,137 @@ def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path
         os.close(dir_fd)
 
 
-class VectorStore:
-    """Steering vectors for one model (name, hidden size and layer count fixed at creation)."""
+Payload = TypeVar("Payload")
+Meta = TypeVar("Meta")
 
-    def __init__(self, root: Path, model: str, hidden_size: int, num_layers: int) -> None:
+
+class _Store(Generic[Payload, Meta]):
+    """Artifacts of one kind for one model: the folder, loading (skipping bad files), listing,
+    atomic replacement and deletion. Subclasses say how a payload is checked and stored."""
+
+    kind = "artifact"
+    meta_class: type
+
+    def __init__(self, root: Path, model: str, hidden_size: int) -> None:
         self.root = Path(root)
-        self.model, self.hidden_size, self.num_layers = model, hidden_size, num_layers
+        self.model, self.hidden_size = model, hidden_size
         self.root.mkdir(parents=True, exist_ok=True)
-        self._vectors: dict[str, tuple[torch.Tensor, VectorMeta]] = {}
+        self._items: dict[str, tuple[Payload, Meta]] = {}
         for path in sorted(self.root.glob(f"*{SUFFIX}")):
             try:
-                vector, meta = self._read(path)
-                self._check(meta.name, vector, meta.layer, meta.model)
+                payload, meta = self._read(path)
+                self._check(payload, meta)
             except Exception as exc:  # corrupt or foreign files must not stop the server
-                logger.warning("skipping steering vector %s: %s", path.name, exc)
+                logger.warning("skipping %s %s: %s", self.kind, path.name, exc)
                 continue
-            self._vectors[meta.name] = (vector, meta)
+            self._items[meta.name] = (payload, meta)
 
-    def list(self) -> list[VectorMeta]:
-        return [meta for _, meta in sorted(self._vectors.values(), key=lambda v: v[1].name)]
+    def list(self) -> list[Meta]:
+        return [meta for _, meta in sorted(self._items.values(), key=lambda v: v[1].name)]
 
-    def get(self, name: str) -> tuple[torch.Tensor, VectorMeta]:
+    def get(self, name: str) -> tuple[Payload, Meta]:
         try:
-            return self._vectors[name]
+            return self._items[name]
         except KeyError:
             raise ArtifactNotFound(name) from None
-
-    def put(self, name: str, values, layer: int, *, method: str = "uploaded", source: str = "",
-            description: str = "", model: str | None = None) -> VectorMeta:
-        vector = torch.as_tensor(values, dtype=torch.float32).detach().clone()
-        self._check(name, vector, layer, model if model is not None else self.model)
-        meta = VectorMeta(name=name, model=self.model, layer=int(layer),
-                          hidden_size=self.hidden_size, method=method, source=source,
-                          description=description, created=time.time(),
-                          norm=float(vector.norm()))
-        atomic_save({"vector": vector.contiguous()}, {"meta": json.dumps(asdict(meta))},
-                    self.root / f"{name}{SUFFIX}")
-        self._vectors[name] = (vector, meta)
-        return meta
 
     def delete(self, name: str) -> None:
         self.get(name)
         (self.root / f"{name}{SUFFIX}").unlink()
-        del self._vectors[name]
+        del self._items[name]
 
-    def _check(self, name: str, vector: torch.Tensor, layer, model: str) -> None:
-        check_name(name)
-        if model != self.model:
-            raise ArtifactError(f"the vector is for model '{model}', this server serves "
-                                f"'{self.model}'", "model")
+    def _store(self, payload: Payload, meta: Meta, tensors: dict[str, torch.Tensor]) -> Meta:
+        self._check(payload, meta)
+        atomic_save({k: v.contiguous() for k, v in tensors.items()},
+                     {"meta": json.dumps(asdict(meta))}, self.root / f"{meta.name}{SUFFIX}")
+        self._items[meta.name] = (payload, meta)
+        return meta
+
+    def _check(self, payload: Payload, meta: Meta) -> None:
+        check_name(meta.name)
+        if meta.model != self.model:
+            raise ArtifactError(f"the {self.kind} is for model '{meta.model}', this server "
+                                f"serves '{self.model}'", "model")
+
+    def _read(self, path: Path) -> tuple[Payload, Meta]:
+        with safe_open(path, framework="pt") as f:
+            raw = json.loads((f.metadata() or {})["meta"])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        meta = self.meta_class(**raw)
+        if path.name != f"{meta.name}{SUFFIX}":
+            raise ArtifactError(f"file name does not match the {self.kind}'s name '{meta.name}'")
+        return self._payload(tensors, meta), meta
+
+    def _payload(self, tensors: dict[str, torch.Tensor], meta: Meta) -> Payload:
+        raise NotImplementedError
+
+
+class VectorStore(_Store[torch.Tensor, VectorMeta]):
+    """Steering vectors (one residual-stream direction each, tied to a layer)."""
+
+    kind = "steering vector"
+    meta_class = VectorMeta
+
+    def __init__(self, root: Path, model: str, hidden_size: int, num_layers: int) -> None:
+        self.num_layers = num_layers
+        super().__init__(root, model, hidden_size)
+
+    def put(self, name: str, values, layer: int, *, method: str = "uploaded", source: str = "",
+            description: str = "", model: str | None = None) -> VectorMeta:
+        vector = torch.as_tensor(values, dtype=torch.float32).detach().clone()
+        meta = VectorMeta(name=check_name(name), model=self.model if model is None else model,
+                          layer=layer, hidden_size=self.hidden_size, method=method,
+                          source=source, description=description, created=time.time(),
+                          norm=float(vector.norm()))
+        return self._store(vector, meta, {"vector": vector})
+
+    def _check(self, vector: torch.Tensor, meta: VectorMeta) -> None:
+        super()._check(vector, meta)
         if vector.dim() != 1 or vector.numel() != self.hidden_size:
             raise ArtifactError(f"the vector must have {self.hidden_size} values (the model's "
                                 f"hidden size), got shape {list(vector.shape)}", "values")
-        if not bool(torch.isfinite(vector).all()):
+        if not bool(torch.isfinite(vector).all()) or not math.isfinite(meta.norm):
             raise ArtifactError("the vector has NaN or infinite values", "values")
+        layer = meta.layer
         if isinstance(layer, bool) or not isinstance(layer, int) or not (
                 0 <= layer < self.num_layers):
             raise ArtifactError(f"layer must be an integer in [0, {self.num_layers})", "layer")
 
-    @staticmethod
-    def _read(path: Path) -> tuple[torch.Tensor, VectorMeta]:
-        with safe_open(path, framework="pt") as f:
-            meta = VectorMeta(**json.loads((f.metadata() or {})["meta"]))
-            vector = f.get_tensor("vector").float()
-        if path.name != f"{meta.name}{SUFFIX}":
-            raise ArtifactError(f"file name does not match the vector's name '{meta.name}'")
-        if not math.isfinite(meta.norm):
-            raise ArtifactError("bad metadata")
-        return vector, meta
+    def _payload(self, tensors, meta):
+        return tensors["vector"].float()
+
+
+class ProbeStore(_Store[DifficultyProbe, ProbeMeta]):
+    """DiffAdapt difficulty probes (weights plus the thresholds and metrics they came with)."""
+
+    kind = "probe"
+    meta_class = ProbeMeta
+
+    def put(self, name: str, tensors: dict[str, torch.Tensor], *, thresholds: dict,
+            metrics: dict | None = None, source: str = "", description: str = "",
+            model: str | None = None) -> ProbeMeta:
+        try:
+            probe = DifficultyProbe.from_tensors(tensors)
+        except ValueError as exc:
+            raise ArtifactError(str(exc), "weights") from None
+        meta = ProbeMeta(name=check_name(name), model=self.model if model is None else model,
+                         hidden_size=probe.hidden_size, width=probe.width, classes=list(CLASSES),
+                         thresholds=dict(thresholds), metrics=dict(metrics or {}),
+                         source=source, description=description, created=time.time())
+        return self._store(probe, meta, probe.tensors())
+
+    def _check(self, probe: DifficultyProbe, meta: ProbeMeta) -> None:
+        super()._check(probe, meta)
+        if probe.hidden_size != self.hidden_size:
+            raise ArtifactError(f"the probe reads {probe.hidden_size}-dimensional hidden states; "
+                                f"this model's hidden size is {self.hidden_size}", "weights")
+        if tuple(meta.classes) != CLASSES:
+            raise ArtifactError(f"a probe's classes are {list(CLASSES)}", "classes")
+        values = meta.thresholds
+        if set(values) != {"alpha", "beta", "gamma"} or not all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in values.values()):
+            raise ArtifactError("thresholds must be finite numbers alpha, beta and gamma",
+                                "thresholds")
+
+    def _payload(self, tensors, meta):
+        return DifficultyProbe.from_tensors(tensors)

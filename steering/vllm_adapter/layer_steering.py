@@ -94,6 +94,18 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(candidates, key=lambda item: len(item[1]))
 
 
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied after the decoder stack (what turns the last layer's residual stream
+    into HF's last hidden state)."""
+    name, _ = decoder_layers(model)
+    parent = model.get_submodule(name.rpartition(".")[0])
+    for attribute in ("norm", "final_layernorm", "ln_f"):
+        module = getattr(parent, attribute, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"{type(model).__name__}: no final norm found next to {name}")
+
+
 def install_steerable_layers(model: nn.Module, vllm_config, slots: int = DEFAULT_SLOTS,
                              capture_rows: int = DEFAULT_CAPTURE_ROWS) -> None:
     """Wrap every decoder layer of a freshly loaded model; attach the table as

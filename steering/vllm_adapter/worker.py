@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from steering.east import fill_coefficients
+from steering.vllm_adapter.layer_steering import final_norm
 from steering.vllm_adapter.logits_processors import SteeringRowsProcessor
 
 
@@ -96,8 +97,19 @@ class SteeringWorkerExtension:
         table = self.model_runner.model.steering_table
         table.vectors[slot].copy_(torch.tensor(values, dtype=table.vectors.dtype))
 
-    def steer_take_capture(self, key: str, layers: list[int]) -> list[list[float]] | None:
-        """The residual stream after each of `layers` at the request's last prompt token
-        (None if it was not captured); forgets it."""
+    def steer_take_capture(self, key: str, layers: list[int],
+                           final: bool) -> dict[str, list] | None:
+        """At the request's last prompt token: the residual stream after each of `layers` and,
+        with `final`, the last layer's after the model's final norm (None if nothing was
+        captured); forgets it."""
         captured = self._steer_filler.captures.pop(key, None)
-        return None if captured is None else captured[layers].tolist()
+        if captured is None:
+            return None
+        taken = {"layers": captured[layers].tolist()}
+        if final:
+            norm = final_norm(self.model_runner.model)
+            weight = next(norm.parameters())
+            with torch.inference_mode():
+                normed = norm(captured[-1:].to(weight.device, weight.dtype))
+            taken["final"] = normed[0].float().tolist()
+        return taken

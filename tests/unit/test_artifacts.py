@@ -70,12 +70,17 @@ def test_overwrite_is_atomic_replace(tmp_path):
     assert torch.equal(values, s.get("v")[0])
 
 
-def test_bundled_vectors_are_seeded_once(tmp_path):
-    from server.default_model import BUNDLED_VECTORS, seed_bundled_vectors
+def test_bundled_artifacts_are_seeded_once(tmp_path):
+    from server.default_model import BUNDLED_PROBES, BUNDLED_VECTORS, seed_bundled_artifacts
+    from steering.artifacts import ProbeStore
 
-    s = VectorStore(tmp_path, model="SmolLM2-135M-Instruct", hidden_size=576, num_layers=30)
-    seed_bundled_vectors(s)
-    assert {m.name for m in s.list()} == set(BUNDLED_VECTORS)
-    s.delete("explore")
-    seed_bundled_vectors(s)  # the user's deletion stands
-    assert s.list() == []
+    model = "SmolLM2-135M-Instruct"
+    vectors = VectorStore(tmp_path / "v", model=model, hidden_size=576, num_layers=30)
+    probes = ProbeStore(tmp_path / "p", model=model, hidden_size=576)
+    seed_bundled_artifacts(vectors, probes)
+    assert {m.name for m in vectors.list()} == set(BUNDLED_VECTORS)
+    assert {m.name for m in probes.list()} == set(BUNDLED_PROBES)
+    vectors.delete("explore")
+    probes.delete("default")
+    seed_bundled_artifacts(vectors, probes)  # the user's deletions stand
+    assert vectors.list() == [] and probes.list() == []

@@ -1,0 +1,238 @@
+"""`steer probe`: DiffAdapt difficulty probes: self-label questions with the served model, train
+a probe on its hidden states, and manage probes on a running server.
+
+    python -m clients.problems --count 400 --out problems.jsonl
+    steer probe label --problems problems.jsonl --samples 8 --out labels.json
+    steer probe train --labels labels.json --name mine --out mine.safetensors --upload
+    steer probe list | show NAME | upload FILE [--name NAME] | delete NAME
+
+`label` asks the server for k sampled answers per question (chat route, the question as the user
+message) and checks them; a question's mean accuracy and mean token entropy give its class by
+the paper's rule with thresholds α, β, γ (default: from the data, see
+steering.diffadapt.thresholds_from_data). It also records each question's hidden state after
+the final norm at the last prompt token, exactly what the server's probe reads when serving.
+`train` fits the paper's 2-layer MLP on a held-out split and reports its accuracy against a
+linear head and the majority class. The server comes from --url / STEER_URL, keys from
+--api-key / STEER_API_KEY and --admin-key / STEER_ADMIN_KEY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from clients.http import ServerError, add_server_arguments, auth_headers, check
+from clients.problems import Problem, is_correct, read_problems, write_text_atomic
+from steering.artifacts import atomic_save
+from steering.diffadapt import (
+    CLASSES,
+    DifficultyProbe,
+    Thresholds,
+    accuracy,
+    difficulty_labels,
+    held_out_split,
+    majority_accuracy,
+    thresholds_from_data,
+    train_probe,
+)
+
+
+async def _label_one(client: httpx.AsyncClient, problem: Problem, samples: int,
+                     temperature: float, max_tokens: int) -> dict:
+    messages = [{"role": "user", "content": problem.question}]
+    features = check(await client.post("/v1/chat/completions", json={
+        "messages": messages, "max_tokens": 1, "temperature": 0.0,
+        "steering": {"return_hidden_states": ["final"]}}))
+    answers = check(await client.post("/v1/chat/completions", json={
+        "messages": messages, "n": samples, "temperature": temperature,
+        "max_tokens": max_tokens}))
+    texts = [c["message"]["content"] for c in answers["choices"]]
+    entropies = [c["steering"]["entropy"]["mean"] for c in answers["choices"]]
+    return {"id": problem.id, "kind": problem.kind, "level": problem.level,
+            "question": problem.question, "answer": problem.answer,
+            "accuracy": sum(is_correct(t, problem.answer) for t in texts) / len(texts),
+            "entropy": statistics.fmean(e for e in entropies if e is not None),
+            "output_tokens": answers["usage"]["completion_tokens"] / samples,
+            "features": features["choices"][0]["steering"]["hidden_states"]["final"]}
+
+
+async def _label_all(url: str, headers: dict, problems: list[Problem], samples: int,
+                     temperature: float, max_tokens: int,
+                     concurrency: int) -> tuple[str, list[dict]]:
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=900) as client:
+        model = check(await client.get("/v1/models"))["data"][0]["id"]
+        bar = tqdm(total=len(problems), desc="labelling", unit="question")
+
+        async def one(problem: Problem) -> dict:
+            async with gate:
+                row = await _label_one(client, problem, samples, temperature, max_tokens)
+                bar.update()
+                return row
+
+        rows = await asyncio.gather(*(one(p) for p in problems))
+        bar.close()
+    return model, rows
+
+
+def label(url: str, headers: dict, problems: list[Problem], samples: int, temperature: float,
+          max_tokens: int, concurrency: int, alpha: float | None, beta: float | None,
+          gamma: float | None) -> dict:
+    """Self-labelled questions (with features) and the thresholds used, as one JSON object."""
+    model, rows = asyncio.run(_label_all(url, headers, problems, samples, temperature,
+                                         max_tokens, concurrency))
+    accuracies = [r["accuracy"] for r in rows]
+    entropies = [r["entropy"] for r in rows]
+    found = thresholds_from_data(accuracies, entropies, samples)
+    thresholds = Thresholds(alpha=found.alpha if alpha is None else alpha,
+                            beta=found.beta if beta is None else beta,
+                            gamma=found.gamma if gamma is None else gamma)
+    labels = difficulty_labels(torch.tensor(accuracies), torch.tensor(entropies), thresholds)
+    for row, index in zip(rows, labels.tolist()):
+        row["label"] = CLASSES[index]
+    return {"model": model, "samples": samples, "temperature": temperature,
+            "max_tokens": max_tokens, "thresholds": vars(thresholds), "questions": rows}
+
+
+def train(labelled: dict, width: int, epochs: int, test_fraction: float,
+          seed: int) -> tuple[DifficultyProbe, dict]:
+    """The MLP probe trained on the training split, and held-out metrics for it, a linear head
+    trained the same way and the majority class."""
+    rows = labelled["questions"]
+    features = torch.tensor([r["features"] for r in rows])
+    labels = torch.tensor([CLASSES.index(r["label"]) for r in rows])
+    train_idx, test_idx = held_out_split(labels, test_fraction, seed)
+    x_train, y_train = features[train_idx], labels[train_idx]
+    x_test, y_test = features[test_idx], labels[test_idx]
+    probe = train_probe(x_train, y_train, width, epochs=epochs, seed=seed)
+    linear = train_probe(x_train, y_train, 0, epochs=epochs, seed=seed)
+    metrics = {"held_out_accuracy": accuracy(probe, x_test, y_test),
+               "linear_accuracy": accuracy(linear, x_test, y_test),
+               "majority_accuracy": majority_accuracy(y_train, y_test),
+               "train_accuracy": accuracy(probe, x_train, y_train),
+               "train_size": len(train_idx), "test_size": len(test_idx)}
+    for name, index in zip(CLASSES, range(len(CLASSES))):
+        metrics[f"test_{name}"] = int((y_test == index).sum())
+    return probe, metrics
+
+
+def probe_meta(name: str, probe: DifficultyProbe, labelled: dict, metrics: dict, source: str,
+               description: str) -> dict:
+    return {"name": name, "model": labelled["model"], "hidden_size": probe.hidden_size,
+            "width": probe.width, "classes": list(CLASSES),
+            "thresholds": labelled["thresholds"], "metrics": metrics, "source": source,
+            "description": description, "created": time.time()}
+
+
+def save_probe(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """A probe file in the server's own format (what `upload` and the bundled probe read)."""
+    atomic_save(tensors, {"meta": json.dumps(meta)}, path)
+
+
+def read_probe_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["meta"])
+
+
+def upload(url: str, admin_headers: dict, name: str, tensors: dict, meta: dict) -> dict:
+    return check(httpx.post(f"{url}/v1/steering/probes", headers=admin_headers, timeout=120,
+                            json={"name": name, "model": meta["model"],
+                                  "weights": {k: v.tolist() for k, v in tensors.items()},
+                                  "thresholds": meta["thresholds"], "metrics": meta["metrics"],
+                                  "source": meta["source"],
+                                  "description": meta["description"]}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="steer probe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_server_arguments(parser)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="stored probes")
+    show = sub.add_parser("show", help="one probe's metadata")
+    show.add_argument("name")
+    up = sub.add_parser("upload", help="store a probe file made by `train`")
+    up.add_argument("file", type=Path)
+    up.add_argument("--name", help="default: the name inside the file")
+    delete = sub.add_parser("delete", help="remove a stored probe")
+    delete.add_argument("name")
+    lab = sub.add_parser("label", help="self-label questions with the served model")
+    lab.add_argument("--problems", type=Path, required=True,
+                     help="JSONL: {'question': str, 'answer': int} per line")
+    lab.add_argument("--out", type=Path, required=True, help="labels JSON to write")
+    lab.add_argument("--samples", type=int, default=8, help="answers per question (k)")
+    lab.add_argument("--temperature", type=float, default=0.8)
+    lab.add_argument("--max-tokens", type=int, default=256)
+    lab.add_argument("--concurrency", type=int, default=8)
+    lab.add_argument("--alpha", type=float, help="accuracy a Normal question needs")
+    lab.add_argument("--beta", type=float, help="entropy a Normal question may not exceed")
+    lab.add_argument("--gamma", type=float, help="accuracy below which a question is Hard")
+    tr = sub.add_parser("train", help="train a probe on labelled questions")
+    tr.add_argument("--labels", type=Path, required=True, help="the JSON `label` wrote")
+    tr.add_argument("--name", required=True)
+    tr.add_argument("--out", type=Path, help="probe file to write (.safetensors)")
+    tr.add_argument("--upload", action="store_true", help="store it on the server")
+    tr.add_argument("--width", type=int, default=256, help="MLP hidden width (0: linear)")
+    tr.add_argument("--epochs", type=int, default=100)
+    tr.add_argument("--test-fraction", type=float, default=0.3)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--description", default="")
+    args = parser.parse_args(argv)
+
+    url = args.url.rstrip("/")
+    read, admin = auth_headers(args), auth_headers(args, admin=True)
+    try:
+        if args.command == "list":
+            for p in check(httpx.get(f"{url}/v1/steering/probes", headers=read))["data"]:
+                print(f"{p['id']:24s} width {p['width']:4d}  held-out accuracy "
+                      f"{p['metrics'].get('held_out_accuracy', float('nan')):.3f}  "
+                      f"{p['description']}")
+        elif args.command == "show":
+            print(json.dumps(check(httpx.get(f"{url}/v1/steering/probes/{args.name}",
+                                             headers=read)), indent=2))
+        elif args.command == "upload":
+            tensors, meta = read_probe_file(args.file)
+            stored = upload(url, admin, args.name or meta["name"], tensors, meta)
+            print(f"stored '{stored['id']}'")
+        elif args.command == "delete":
+            check(httpx.delete(f"{url}/v1/steering/probes/{args.name}", headers=admin))
+            print(f"deleted '{args.name}'")
+        elif args.command == "label":
+            labelled = label(url, read, read_problems(args.problems), args.samples,
+                             args.temperature, args.max_tokens, args.concurrency, args.alpha,
+                             args.beta, args.gamma)
+            write_text_atomic(args.out, json.dumps(labelled))
+            counts = Counter(r["label"] for r in labelled["questions"])
+            print(json.dumps({"questions": len(labelled["questions"]),
+                              "thresholds": labelled["thresholds"],
+                              "classes": {c: counts[c] for c in CLASSES}}, indent=2))
+        else:
+            labelled = json.loads(args.labels.read_text())
+            probe, metrics = train(labelled, args.width, args.epochs, args.test_fraction,
+                                   args.seed)
+            print(json.dumps(metrics, indent=2))
+            meta = probe_meta(args.name, probe, labelled, metrics,
+                              f"steer probe train --labels {args.labels.name} "
+                              f"--width {args.width}", args.description)
+            if args.out:
+                save_probe(args.out, probe.tensors(), meta)
+            if args.upload:
+                upload(url, admin, args.name, probe.tensors(), meta)
+                print(f"stored '{args.name}'")
+    except (ServerError, httpx.HTTPError) as exc:
+        sys.exit(f"steer probe: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""DiffAdapt on the real engine: the hidden state the probe reads (against HF transformers),
+the strategy it picks and applies, composition, probe routes, the CLI, and bad input."""
+
+import json
+import math
+import re
+
+import httpx
+import pytest
+import torch
+
+from tests.conftest import ADMIN_KEY, API_KEY
+
+MODEL = "SmolLM2-135M-Instruct"
+QUESTIONS = ["What is 3 + 4? End with 'Answer: <number>'.",
+             "Which is the largest of 12, 7, 30? End with 'Answer: <number>'."]
+# float32 on both sides; vLLM's fused CPU kernels round differently from HF's eager ops.
+RTOL, ATOL_FRACTION = 1e-4, 1e-5
+
+
+def hf_final_hidden(hf_model, text: str) -> tuple[list[int], torch.Tensor]:
+    """HF's last hidden state (after the final norm) at the chat prompt's last token."""
+    model, tokenizer = hf_model
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                        add_generation_prompt=True, tokenize=False)
+    ids = tokenizer.encode(ids, add_special_tokens=False)
+    with torch.no_grad():
+        return ids, model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+
+
+def pointer_probe(features: torch.Tensor) -> dict:
+    """A linear probe whose logits are (x·f, 0, -x·f) / |f|²: 'easy' for a question with
+    features f, with probabilities softmax(1, 0, -1); upload body weights."""
+    direction = features / features.norm() ** 2
+    weight = torch.stack([direction, torch.zeros_like(direction), -direction])
+    return {"feature_mean": [0.0] * len(features), "feature_scale": [1.0] * len(features),
+            "net.0.weight": weight.tolist(), "net.0.bias": [0.0, 0.0, 0.0]}
+
+
+THRESHOLDS = {"alpha": 0.5, "beta": 1.0, "gamma": 0.5}
+
+
+@pytest.fixture(scope="module")
+def probes(admin_http, hf_model):
+    """'points-a': easy for QUESTIONS[0]; 'always-hard': hard for everything."""
+    _, features = hf_final_hidden(hf_model, QUESTIONS[0])
+    hard = {"feature_mean": [0.0] * 576, "feature_scale": [1.0] * 576,
+            "net.0.weight": [[0.0] * 576] * 3, "net.0.bias": [0.0, 0.0, 9.0]}
+    for name, weights in (("points-a", pointer_probe(features)), ("always-hard", hard)):
+        r = admin_http.post("/v1/steering/probes", json={
+            "name": name, "weights": weights, "thresholds": THRESHOLDS,
+            "metrics": {"held_out_accuracy": 0.0}, "description": "test"})
+        assert r.status_code == 201, r.text
+    yield
+    for name in ("points-a", "always-hard"):
+        admin_http.delete(f"/v1/steering/probes/{name}")
+
+
+def chat(http, question, **body):
+    r = http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": question}], "return_token_ids": True, **body})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"]
+
+
+def test_final_hidden_state_equals_hf(http, hf_model):
+    for question in QUESTIONS:
+        ids, expected = hf_final_hidden(hf_model, question)
+        choice = chat(http, question, max_tokens=1,
+                      steering={"return_hidden_states": ["final", 3]})[0]
+        assert choice["prompt_token_ids"] == ids
+        got = torch.tensor(choice["steering"]["hidden_states"]["final"])
+        torch.testing.assert_close(got, expected, rtol=RTOL,
+                                   atol=ATOL_FRACTION * float(expected.abs().max()))
+
+
+def test_probe_reads_the_question_and_its_strategy_is_applied(http, hf_model, probes):
+    """The reported probabilities are the probe on HF's hidden state; the generation equals a
+    plain request with the Easy strategy's prompt, temperature and budget."""
+    choice = chat(http, QUESTIONS[0], max_tokens=100, seed=11,
+                  steering={"diffadapt": {"probe": "points-a"}})[0]
+    report = choice["steering"]["diffadapt"]
+    assert report["difficulty"] == "easy" and choice["steering"]["methods"] == ["diffadapt"]
+    expected = torch.softmax(torch.tensor([1.0, 0.0, -1.0]), 0).tolist()
+    assert [report["probabilities"][c] for c in ("easy", "normal", "hard")] == pytest.approx(
+        expected, abs=1e-3)
+    strategy = report["strategy"]
+    assert (strategy["temperature"], strategy["budget"], strategy["max_tokens"]) == (0.5, 0.4, 40)
+    wrapped = strategy["prompt"].replace("{question}", QUESTIONS[0])
+    plain = chat(http, wrapped, max_tokens=40, seed=11, temperature=0.5)[0]
+    assert choice["prompt_token_ids"] == plain["prompt_token_ids"]
+    assert choice["token_ids"] == plain["token_ids"]
+    assert len(choice["token_ids"]) <= 40
+
+
+def test_request_strategy_overrides_and_composition(http, probes):
+    override = {"hard": {"prompt": "Question: {question}\nReply with the number only.",
+                         "temperature": 0.0, "budget": 0.25}}
+    steering = {"diffadapt": {"probe": "always-hard", "strategies": override},
+                "typical": {"p": 0.9}, "east": {"vector": "explore", "scale": 2.0}}
+    choice = chat(http, QUESTIONS[1], max_tokens=32, steering=steering)[0]
+    report = choice["steering"]
+    assert report["methods"] == ["diffadapt", "east", "typical"]
+    assert report["diffadapt"]["difficulty"] == "hard"
+    assert report["diffadapt"]["strategy"] == {
+        "prompt": override["hard"]["prompt"], "temperature": 0.0, "budget": 0.25,
+        "max_tokens": 8}
+    assert len(choice["token_ids"]) <= 8 and report["east"][0]["vector"] == "explore"
+
+
+def test_completions_route_with_prompts_and_n(http, probes):
+    r = http.post("/v1/completions", json={
+        "prompt": QUESTIONS, "n": 2, "max_tokens": 20, "seed": 3,
+        "steering": {"diffadapt": {"probe": "always-hard"}}})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert len(choices) == 4
+    assert {c["steering"]["diffadapt"]["strategy"]["max_tokens"] for c in choices} == {10}
+
+
+def test_streaming_reports_the_decision(http, probes):
+    with http.stream("POST", "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 20,
+            "stream": True, "steering": {"diffadapt": {"probe": "always-hard"}}}) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith("data: {")]
+    last = events[-1]["choices"][0]
+    assert last["finish_reason"] is not None
+    assert last["steering"]["diffadapt"]["difficulty"] == "hard"
+
+
+def test_bundled_probe_serves_and_metrics_count_classes(http, server):
+    def counted():
+        text = httpx.get(f"{server.base_url}/metrics").text
+        return sum(float(v) for v in re.findall(
+            r'^steer_difficulty_class_total\{[^}]*\} (\S+)$', text, re.M))
+
+    before = counted()
+    listing = http.get("/v1/steering/probes").json()["data"]
+    bundled = next(p for p in listing if p["id"] == "default")
+    assert bundled["model"] == MODEL and bundled["hidden_size"] == 576
+    choice = chat(http, QUESTIONS[0], max_tokens=16,
+                  steering={"diffadapt": {"probe": "default"}})[0]
+    probabilities = choice["steering"]["diffadapt"]["probabilities"]
+    assert math.isclose(sum(probabilities.values()), 1.0, rel_tol=1e-5)
+    assert counted() == before + 1
+
+
+def test_long_question_reuses_the_probe_pass_prefill(http, server, probes):
+    """The generation after the probe pass hits the prefix cache for the question's full
+    KV blocks (128 tokens per block on CPU)."""
+    def hits():
+        text = httpx.get(f"{server.base_url}/metrics").text
+        return float(re.search(r"^vllm:prefix_cache_hits_total\{[^}]*\} (\S+)$", text,
+                               re.M).group(1))
+
+    question = "Numbers: " + ", ".join(str(i) for i in range(700, 900)) + ". Which is largest?"
+    before = hits()
+    chat(http, question, max_tokens=4, steering={"diffadapt": {"probe": "always-hard"}})
+    assert hits() - before >= 128
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"steering": {"diffadapt": {"probe": "nope"}}}, 404, "steering.diffadapt.probe"),
+    ({"steering": {"diffadapt": {"probe": "always-hard", "strategies": {
+        "hard": {"prompt": "no placeholder"}}}}}, 400, None),
+    ({"steering": {"diffadapt": {"probe": "always-hard", "strategies": {
+        "medium": {"temperature": 0.1}}}}}, 400, None),
+    ({"steering": {"diffadapt": {"probe": "always-hard", "strategies": {
+        "hard": {"temperature": 7}}}}}, 400, None),
+    ({"steering": {"diffadapt": {"probe": "always-hard", "strategies": {
+        "hard": {"budget": 0}}}}}, 400, None),
+    ({"temperature": 0.3, "steering": {"diffadapt": {"probe": "always-hard"}}}, 400,
+     "temperature"),
+])
+def test_bad_diffadapt_requests(http, probes, body, status, param):
+    r = http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **body})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    if param:
+        assert error["param"] == param
+    else:
+        assert "strategies" in (error["param"] or "") + error["message"]
+
+
+def test_token_prompts_and_questionless_chats_are_rejected(http, probes):
+    r = http.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2,
+                                           "steering": {"diffadapt": {"probe": "always-hard"}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = http.post("/v1/chat/completions", json={
+        "messages": [{"role": "system", "content": "be nice"}], "max_tokens": 2,
+        "steering": {"diffadapt": {"probe": "always-hard"}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_probe_routes_validate_and_change_nothing_on_error(http, admin_http, probes):
+    before = http.get("/v1/steering/probes").json()["data"]
+    one = http.get("/v1/steering/probes/points-a", params={"include_weights": True}).json()
+    assert one["width"] == 0 and len(one["weights"]["net.0.weight"]) == 3
+    good = {"name": "tmp-probe", "weights": one["weights"], "thresholds": THRESHOLDS}
+    assert http.post("/v1/steering/probes", json=good).status_code == 403  # API key only
+    assert http.delete("/v1/steering/probes/points-a").status_code == 403
+    small = {k: v[:5] if k.startswith("feature") else [row[:5] for row in v]
+             if k == "net.0.weight" else v for k, v in one["weights"].items()}
+    ragged = {**one["weights"], "net.0.weight": [[0.0] * 576, [0.0] * 575, [0.0] * 576]}
+    for bad, param in [({**good, "model": "gpt-2"}, "model"),
+                       ({**good, "weights": small}, "weights"),
+                       ({**good, "weights": ragged}, "weights"),
+                       ({**good, "weights": {"feature_mean": [0.0]}}, "weights"),
+                       ({**good, "name": "../x"}, "name"),
+                       ({**good, "thresholds": {"alpha": 2, "beta": 1, "gamma": 0}},
+                        "thresholds.alpha")]:
+        r = admin_http.post("/v1/steering/probes", json=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert http.get("/v1/steering/probes").json()["data"] == before
+    assert admin_http.delete("/v1/steering/probes/nothing").status_code == 404
+    assert http.get("/v1/steering/probes/nothing").json()["error"]["code"] == "probe_not_found"
+
+
+def test_label_and_train_with_the_cli(server, tmp_path, capsys):
+    from clients.probes import main as probe_main
+    from clients.problems import generate, write_jsonl
+
+    problems = tmp_path / "problems.jsonl"
+    write_jsonl(generate(12, seed=5), problems)
+    labels = tmp_path / "labels.json"
+    keys = ["--url", server.base_url, "--api-key", API_KEY, "--admin-key", ADMIN_KEY]
+    probe_main([*keys, "label", "--problems", str(problems), "--samples", "2",
+                "--max-tokens", "24", "--out", str(labels)])
+    labelled = json.loads(labels.read_text())
+    assert labelled["model"] == MODEL and len(labelled["questions"]) == 12
+    row = labelled["questions"][0]
+    assert len(row["features"]) == 576 and row["accuracy"] in (0.0, 0.5, 1.0)
+    assert row["label"] in ("easy", "normal", "hard")
+    probe_file = tmp_path / "p.safetensors"
+    probe_main([*keys, "train", "--labels", str(labels), "--name", "cli-probe", "--width", "8",
+                "--epochs", "5", "--test-fraction", "0.25", "--out", str(probe_file),
+                "--upload"])
+    assert "majority_accuracy" in capsys.readouterr().out
+    probe_main([*keys, "delete", "cli-probe"])
+    probe_main([*keys, "upload", str(probe_file)])  # the file keeps its name
+    stored = httpx.get(f"{server.base_url}/v1/steering/probes/cli-probe",
+                       headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert stored["width"] == 8 and stored["thresholds"] == labelled["thresholds"]
+    probe_main([*keys, "delete", "cli-probe"])
