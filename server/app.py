@@ -11,6 +11,7 @@ from server.diffadapt import DEFAULT_MAX_TOKENS, DifficultyRouter
 from server.engine import Engine
 from server.errors import PayloadTooLarge, error_response, install_error_handlers
 from server.metrics import SteerMetrics
+from server.particles import ParticleConfig
 from server.routes import ServerState, ops, v1
 from steering.diffadapt import DEFAULT_STRATEGIES, Strategy
 
@@ -19,21 +20,27 @@ MAX_BODY_BYTES = 8 << 20
 
 def create_app(engine: Engine, api_key: str | None = None, admin_key: str | None = None,
                strategies: dict[str, Strategy] | None = None,
-               diffadapt_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+               diffadapt_max_tokens: int = DEFAULT_MAX_TOKENS,
+               particles: ParticleConfig | None = None) -> FastAPI:
     """An app that starts `engine` on start-up and shuts it down on exit; `strategies` are
     DiffAdapt's (default: the paper's)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
+        prm = particles.prm if particles else None
+        if prm is not None:
+            await prm.start()
         metrics = SteerMetrics()
         router = DifficultyRouter(engine, metrics, strategies or dict(DEFAULT_STRATEGIES),
                                   diffadapt_max_tokens)
-        app.state.steer = ServerState(engine, metrics, router, engine.model_name, api_key,
-                                      admin_key)
+        app.state.steer = ServerState(engine, metrics, router, particles or ParticleConfig(),
+                                      engine.model_name, api_key, admin_key)
         try:
             yield
         finally:
+            if prm is not None:
+                prm.shutdown()
             await engine.shutdown()
 
     app = FastAPI(title="entropy-steer", version="0.1.0", lifespan=lifespan,

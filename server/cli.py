@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from server.diffadapt import DEFAULT_MAX_TOKENS
+from server.particles import DEFAULT_MAX_TOTAL_TOKENS
 from steering.vllm_adapter.layer_steering import DEFAULT_SLOTS
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
@@ -52,6 +53,20 @@ def serve_parser():
     parser.add_argument("--diffadapt-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help="DiffAdapt's full token budget when a request sets no max_tokens "
                         "(each class gets its share)")
+    parser.add_argument("--prm", type=Path, default=os.environ.get("STEER_PRM"),
+                        help="a process reward model folder (a '...ForSequenceClassification' "
+                        "checkpoint) served on a second engine for steering.particles reward "
+                        "'prm'")
+    parser.add_argument("--reward-url", default=os.environ.get("STEER_REWARD_URL"),
+                        help="an HTTP reward scorer for steering.particles reward 'http' "
+                        "(contract in docs/particles.md)")
+    parser.add_argument("--reward-timeout", type=float, default=10.0,
+                        help="seconds per reward-scorer call")
+    parser.add_argument("--reward-retries", type=int, default=1,
+                        help="retries after a failed reward-scorer call")
+    parser.add_argument("--particles-max-tokens", type=int, default=DEFAULT_MAX_TOTAL_TOKENS,
+                        help="largest n × max_tokens (× 2 with look-ahead) one particle-"
+                        "filter request may ask for")
     parser.add_argument("--disable-uvicorn-access-log", action="store_true",
                         help="no per-request access log lines")
     AsyncEngineArgs.add_cli_args(parser)
@@ -83,13 +98,31 @@ def build_engine_args(args: argparse.Namespace):
     return AsyncEngineArgs.from_cli_args(args)
 
 
+def reward_engine_args(path: Path, generator):
+    """The reward model's engine: its own folder, the generator's dtype and context, a small KV
+    cache on CPU, no stats of its own (they would clash with the generator's metrics)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.platforms import current_platform
+
+    if not Path(path).is_dir():
+        raise SystemExit(f"--prm {path}: not a local folder")
+    args = AsyncEngineArgs(model=str(path), dtype=generator.dtype,
+                           max_model_len=generator.max_model_len, disable_log_stats=True,
+                           gpu_memory_utilization=0.1 if not current_platform.is_cpu()
+                           else generator.gpu_memory_utilization)
+    if current_platform.is_cpu():
+        args.kv_cache_memory_bytes = CPU_DEFAULT_KV_CACHE_BYTES // 4
+    return args
+
+
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from server.app import create_app
     from server.default_model import cache_dir
     from server.diffadapt import load_strategies
-    from server.engine import Engine
+    from server.engine import Engine, RewardModel
+    from server.particles import HttpScorer, ParticleConfig
 
     bundled = args.model is None and not getattr(args, "model_path", None)
     engine_args = build_engine_args(args)
@@ -100,7 +133,13 @@ def serve(args: argparse.Namespace) -> None:
                     bundled_model=bundled)
     app = create_app(engine, api_key=args.api_key, admin_key=args.admin_key,
                      strategies=load_strategies(args.diffadapt_strategies),
-                     diffadapt_max_tokens=args.diffadapt_max_tokens)
+                     diffadapt_max_tokens=args.diffadapt_max_tokens,
+                     particles=ParticleConfig(
+                         prm=RewardModel(reward_engine_args(args.prm, engine_args))
+                         if args.prm else None,
+                         scorer=HttpScorer(args.reward_url, args.reward_timeout,
+                                           args.reward_retries) if args.reward_url else None,
+                         max_total_tokens=args.particles_max_tokens))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
                 access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=30)
 

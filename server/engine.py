@@ -67,6 +67,7 @@ class SamplingOptions:
     east: tuple[EastSpec, ...] = ()
     capture_layers: tuple[int, ...] = ()  # residual stream at the last prompt token
     capture_final: bool = False  # the last layer's, after the final norm
+    include_stop_str_in_output: bool = False
 
     @property
     def capturing(self) -> bool:
@@ -90,6 +91,7 @@ class ChoiceDelta:
     entropy: list[float | None]  # one per token in token_ids (None if never measured)
     varentropy: list[float | None]
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # the stop string (or token) that ended it, if any
     trace: EntropyTrace | None = field(default=None, repr=False)  # complete, on the last delta
     hidden_states: dict[int | str, list[float]] | None = None  # on the last delta, when asked
 
@@ -304,6 +306,7 @@ class Engine:
             repetition_penalty=options.repetition_penalty,
             seed=options.seed,
             stop=list(options.stop) or None,
+            include_stop_str_in_output=options.include_stop_str_in_output,
             logprobs=options.logprobs,
             ignore_eos=options.ignore_eos,
             extra_args=extra_args,
@@ -360,6 +363,7 @@ class Engine:
                         entropy=entropy,
                         varentropy=varentropy,
                         finish_reason=completion.finish_reason,
+                        stop_reason=completion.stop_reason,
                         trace=trace if finished else None,
                     )
         except EngineDeadError as exc:
@@ -405,6 +409,54 @@ class Engine:
         from vllm.v1.metrics.prometheus import get_prometheus_registry
 
         return get_prometheus_registry()
+
+
+class RewardModel:
+    """A process reward model on a second vLLM engine (pooling runner): a sequence classifier
+    (e.g. `LlamaForSequenceClassification`) whose last label's probability at a trajectory's
+    last token is the trajectory's score (a single label: its sigmoid)."""
+
+    def __init__(self, engine_args) -> None:
+        self._engine_args = engine_args
+        self._llm = None
+        self.tokenizer = None
+
+    async def start(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._llm = AsyncLLM.from_engine_args(self._engine_args)
+        if self._llm.model_config.runner_type != "pooling":
+            self._llm.shutdown()
+            raise SystemExit(f"--prm {self._engine_args.model}: not a classifier / reward model "
+                             "(architecture '...ForSequenceClassification' expected)")
+        self.tokenizer = self._llm.get_tokenizer()
+        self.max_model_len = self._llm.model_config.max_model_len
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+
+    async def score(self, texts: list[str]) -> list[float]:
+        """One score in [0, 1] per text, all texts sent to the engine at once."""
+        from vllm import PoolingParams
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self._llm is None or self._llm.errored:
+            raise EngineUnavailable("the reward model's engine is not running")
+
+        async def one(text: str) -> float:
+            ids = self.tokenizer.encode(text)[-self.max_model_len:]
+            output = None
+            async for output in self._llm.encode({"prompt_token_ids": ids},
+                                                 PoolingParams(task="classify"),
+                                                 request_id=f"steer-prm-{uuid.uuid4().hex}"):
+                pass
+            return float(output.outputs.data.flatten()[-1])
+
+        try:
+            return list(await asyncio.gather(*(one(t) for t in texts)))
+        except EngineDeadError as exc:
+            raise EngineUnavailable("the reward model's engine died") from exc
 
 
 def _steering_fingerprint(specs: tuple[EastSpec, ...], vectors) -> str:

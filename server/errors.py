@@ -47,6 +47,12 @@ class EngineBusy(APIError):
     status, type = 429, "rate_limit_error"
 
 
+class UpstreamError(APIError):
+    """A service the server depends on (e.g. a reward scorer) failed or answered badly."""
+
+    status, type = 502, "upstream_error"
+
+
 class EngineUnavailable(APIError):
     status, type = 503, "service_unavailable"
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from server.diffadapt import Decision
 from server.engine import ChoiceDelta, EastSpec, Engine, SamplingOptions, TokenLogprob
 from server.metrics import SteerMetrics
-from server.protocol import DiffAdaptOptions, GenerationRequest
+from server.protocol import DiffAdaptOptions, GenerationRequest, ParticleOptions
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class Plan:
     capture_layers: tuple[int, ...] = ()
     capture_final: bool = False
     diffadapt: DiffAdaptOptions | None = None
+    particles: ParticleOptions | None = None
 
     @classmethod
     def of(cls, request: GenerationRequest) -> Plan:
@@ -38,12 +39,14 @@ class Plan:
                    return_entropy=request.return_entropy, east=east,
                    capture_layers=tuple(dict.fromkeys(x for x in capture if x != "final")),
                    capture_final="final" in capture,
-                   diffadapt=steering.diffadapt if steering else None)
+                   diffadapt=steering.diffadapt if steering else None,
+                   particles=steering.particles if steering else None)
 
     @property
     def methods(self) -> tuple[str, ...]:
         return tuple(name for name, used in (("diffadapt", self.diffadapt is not None),
                                              ("east", bool(self.east)),
+                                             ("particles", self.particles is not None),
                                              ("typical", self.typical_p is not None)) if used)
 
     @property

@@ -50,6 +50,24 @@ class SteerMetrics:
             "steer_difficulty_class", "Questions by the difficulty class a DiffAdapt probe gave "
             "them", ("model", "difficulty"), registry=registry,
         )
+        self.particle_ess = Histogram(
+            "steer_particle_ess_ratio", "Effective sample size / particles, per particle-"
+            "filter iteration (before resampling)", LABELS,
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=registry,
+        )
+        self.particle_temperature = Histogram(
+            "steer_particle_temperature", "Resampling temperature per particle-filter iteration "
+            "(1 = no annealing)", LABELS, buckets=(1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0),
+            registry=registry,
+        )
+        self.particle_steps = Histogram(
+            "steer_particle_steps", "Particle-filter iterations per request", LABELS,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry,
+        )
+        self.particle_resamples = Counter(
+            "steer_particle_resamples", "Particle-filter resampling events", LABELS,
+            registry=registry,
+        )
         self.ttft = Histogram(
             "steer_time_to_first_token_seconds",
             "Time from request arrival to the first generated token",

@@ -17,6 +17,8 @@ MAX_PROMPTS = 16
 MAX_VECTORS_PER_REQUEST = 4
 MAX_EAST_SCALE = 1000.0
 MAX_VECTOR_VALUES = 65536
+MAX_PARTICLES = 64
+MAX_PARTICLE_STEPS = 256
 
 
 class StrictModel(BaseModel):
@@ -67,6 +69,27 @@ class DiffAdaptOptions(StrictModel):
     strategies: dict[Literal["easy", "normal", "hard"], StrategyOverride] | None = None
 
 
+class ParticleOptions(StrictModel):
+    """(Entropic) particle filtering over reasoning steps (Puri et al. 2025; ePF, arXiv
+    2510.05825): `n` particles, each extended one step (up to `step_delimiter`) per iteration,
+    weighted by a reward and resampled."""
+
+    n: Annotated[int, Field(ge=1, le=MAX_PARTICLES)] = 4
+    step_delimiter: Annotated[str, Field(min_length=1, max_length=32)] = "\n\n"
+    max_steps: Annotated[int, Field(ge=1, le=MAX_PARTICLE_STEPS)] = 32
+    stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]],
+                    Field(max_length=MAX_STOP_SEQUENCES)] = Field(
+        default=[], description="a step containing one of these finishes its particle")
+    reward: Literal["self_certainty", "prm", "http"] = "self_certainty"
+    annealing: Literal["ess", "entropy", "base", "none"] = "ess"
+    ess_threshold: Annotated[float, Field(gt=0, le=1)] = 0.5
+    early_phase: Annotated[float, Field(ge=0, le=1)] = 0.5
+    lookahead: bool = False
+    resampling: Literal["systematic", "multinomial"] = "systematic"
+    select: Literal["argmax", "sample"] = "argmax"
+    return_particles: bool = False
+
+
 class SteeringOptions(StrictModel):
     """Per-request steering methods and reporting."""
 
@@ -78,6 +101,7 @@ class SteeringOptions(StrictModel):
         default=False, description="add per-token entropy and varentropy lists to the response"
     )
     diffadapt: DiffAdaptOptions | None = None
+    particles: ParticleOptions | None = None
     return_hidden_states: Annotated[
         list[Annotated[int, Field(ge=0)] | Literal["final"]], Field(min_length=1, max_length=8)
     ] | None = Field(default=None, description="hidden states at the last prompt token: a "

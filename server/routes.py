@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -16,8 +17,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server.diffadapt import DifficultyRouter, reject_conflicts
 from server.engine import Engine, TokenLogprob
 from server.errors import InvalidRequest, NotFound, Unauthorized
-from server.generation import ChoiceResult, Generation, Plan, sampling_options
+from server.generation import (
+    ChoiceResult,
+    Generation,
+    Plan,
+    sampling_options,
+    steering_report,
+)
 from server.metrics import SteerMetrics
+from server.particles import ParticleConfig, ParticleResult, ParticleRun
+from server.particles import reject_conflicts as reject_particle_conflicts
 from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 
 
@@ -25,9 +34,10 @@ class ServerState:
     """What the routes need, stored on `app.state.steer`."""
 
     def __init__(self, engine: Engine, metrics: SteerMetrics, router: DifficultyRouter,
-                 model_name: str, api_key: str | None, admin_key: str | None = None) -> None:
+                 particles: ParticleConfig, model_name: str, api_key: str | None,
+                 admin_key: str | None = None) -> None:
         self.engine, self.metrics, self.model_name = engine, metrics, model_name
-        self.router = router
+        self.router, self.particles = router, particles
         self.api_key, self.admin_key = api_key, admin_key
         self.created = int(time.time())
 
@@ -91,6 +101,13 @@ async def completions(body: CompletionRequest, request: Request,
     _check_model(state, body)
     plan = Plan.of(body)
     engine = state.engine
+    if plan.particles:
+        prompts = body.prompts()
+        if len(prompts) != 1:
+            raise InvalidRequest("steering.particles takes one prompt", "prompt")
+        prompt = prompts[0] if isinstance(prompts[0], list) else engine.encode(prompts[0])
+        return await _particles(state, body, plan, prompt, body.max_tokens, request,
+                                "text_completion")
     if plan.diffadapt:
         reject_conflicts(body)
         if not all(isinstance(p, str) for p in body.prompts()):
@@ -137,6 +154,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     _check_model(state, body)
     plan = Plan.of(body)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    if plan.particles:
+        return await _particles(state, body, plan, state.engine.encode_chat(messages),
+                                body.token_limit, request, "chat.completion")
     if plan.diffadapt:
         reject_conflicts(body)
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
@@ -187,6 +207,82 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         "finish_reason": r.finish_reason, "steering": generation.report(r.index),
         **_token_ids(body, generation, r),
     } for r in results]), "usage": generation.usage()}
+
+
+async def _particles(state: ServerState, body: GenerationRequest, plan: Plan,
+                     prompt: list[int], max_tokens: int | None, request: Request, obj: str):
+    """A particle-filter request: the selected particle as the one choice; streamed as one
+    progress chunk per iteration, then the answer."""
+    reject_particle_conflicts(body, plan)
+    label = (state.model_name, plan.label)
+    run = ParticleRun(state.engine, state.metrics, state.particles, plan.particles, prompt,
+                      sampling_options(body, plan, max_tokens, None, 0), label)
+    metrics, arrival = state.metrics, time.monotonic()
+    metrics.requests.labels(*label).inc()
+    rid, created = f"{'chatcmpl' if obj == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}", \
+        int(time.time())
+    chat = obj == "chat.completion"
+
+    def envelope(choices: list[dict], stream: bool) -> dict:
+        return {"id": rid, "object": f"{obj}.chunk" if stream and chat else obj,
+                "created": created, "model": state.model_name, "choices": choices}
+
+    def finished(result: ParticleResult) -> dict:
+        """The choice's fields beside its text; records the request's metrics."""
+        chosen = result.chosen
+        outcome = ChoiceResult(
+            index=0, text=chosen.text, token_ids=chosen.token_ids,
+            entropy=[h for s in chosen.steps for h in s.entropy],
+            varentropy=[v for s in chosen.steps for v in s.varentropy])
+        metrics.observe_tokens(*label, outcome.entropy, outcome.varentropy)
+        metrics.e2e.labels(*label).observe(time.monotonic() - arrival)
+        report = steering_report(plan, outcome, run.sampling, None)
+        report["particles"] = result.report(plan.particles)
+        reason = "length" if len(outcome.token_ids) >= run.sampling.max_tokens else "stop"
+        return {"index": 0, "logprobs": None, "finish_reason": reason, "steering": report,
+                **({"token_ids": outcome.token_ids} if body.return_token_ids else {})}
+
+    def usage(result: ParticleResult) -> dict:
+        return {"prompt_tokens": len(prompt), "completion_tokens": result.generated_tokens,
+                "total_tokens": len(prompt) + result.generated_tokens}
+
+    async def counted(work):
+        try:
+            return await work
+        except BaseException as exc:
+            status = getattr(exc, "status", 499 if isinstance(exc, asyncio.CancelledError)
+                             else 500)
+            metrics.request_errors.labels(*label, str(status)).inc()
+            raise
+
+    if body.stream:
+        async def chunks() -> AsyncIterator[dict]:
+            progress: asyncio.Queue = asyncio.Queue()
+            task = asyncio.create_task(counted(run.run(on_step=progress.put)))
+            task.add_done_callback(lambda _: progress.put_nowait(None))
+            try:
+                while (step := await progress.get()) is not None:
+                    yield {**envelope([], True),
+                           "steering": {"particles": {"progress": asdict(step)}}}
+                result = await task
+            finally:
+                task.cancel()
+            choice = finished(result)
+            text = result.chosen.text
+            choice.update({"delta": {"role": "assistant", "content": text}} if chat
+                          else {"text": text})
+            yield envelope([choice], True)
+            if body.stream_options and body.stream_options.include_usage:
+                yield {**envelope([], True), "usage": usage(result)}
+        return _sse(chunks())
+
+    result = await _cancel_on_disconnect(request, counted(run.run()))
+    choice = finished(result)
+    text = result.chosen.text
+    choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+    if body.return_token_ids:
+        choice["prompt_token_ids"] = prompt
+    return {**envelope([choice], False), "usage": usage(result)}
 
 
 def _fan_out(body: GenerationRequest, plan: Plan, routed: list, max_tokens: int | None,

@@ -2,21 +2,89 @@
 
 from __future__ import annotations
 
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import httpx
 import pytest
 
-from clients.local_server import LocalServer, steer_server
+from clients.local_server import LocalServer, free_port, steer_server
 
 API_KEY = "test-key"
 ADMIN_KEY = "test-admin-key"
+REWARD_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory) -> LocalServer:
-    proc = steer_server(tmp_path_factory.mktemp("server") / "server.log", api_key=API_KEY,
-                        admin_key=ADMIN_KEY)
+def prm_path(tmp_path_factory):
+    """A sequence-classifier reward model to serve with --prm: the bundled model's body with a
+    seeded random one-label head (a real checkpoint of the kind real PRMs use; its scores mean
+    nothing, the tests compare them with HF's)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    from server.default_model import ensure_default_model
+
+    source = ensure_default_model()
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification.from_pretrained(source, num_labels=1,
+                                                           dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    path = tmp_path_factory.mktemp("prm")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, reward_scorer, prm_path) -> LocalServer:
+    _, reward_url = reward_scorer
+    proc = steer_server(tmp_path_factory.mktemp("server") / "server.log",
+                        "--reward-url", reward_url, "--reward-timeout", str(REWARD_TIMEOUT_S),
+                        "--prm", str(prm_path), api_key=API_KEY, admin_key=ADMIN_KEY)
     yield proc
     proc.stop()
+
+
+class _Scorer(BaseHTTPRequestHandler):
+    """The HTTP reward contract: scores a trajectory by its share of digits; `mode` switches
+    to slow (sleeps past the server's timeout) or broken (500) answers."""
+
+    mode = "ok"
+    calls = 0
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        type(self).calls += 1
+        if self.mode == "slow":
+            time.sleep(REWARD_TIMEOUT_S * 3)
+        if self.mode == "broken":
+            self.send_response(500)
+            self.end_headers()
+            return
+        scores = [sum(c.isdigit() for c in t) / max(1, len(t)) for t in body["trajectories"]]
+        data = json.dumps({"scores": scores}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def reward_scorer():
+    """A reward service on loopback (class `_Scorer`; set `.mode` to change its behaviour)."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), _Scorer)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield _Scorer, f"http://127.0.0.1:{httpd.server_address[1]}/score"
+    httpd.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,142 @@
+"""The experiment behind docs/particles.md: single sampling, best-of-n, PF and ePF on the
+project's verifiable problems, with accuracy, generated tokens, wall time and throughput.
+
+Every method answers the same held-out problems with the same reward (self-certainty):
+best-of-n samples n whole answers (plain `n`) and keeps the one with the highest
+exp(-mean token entropy); PF is Puri et al.'s (multinomial resampling, no annealing); ePF adds
+Entropic Annealing (ESS rule, systematic resampling) and then Look-ahead Modulation. The
+throughput ratio ePF / best-of-n at the same n is the benchmark the issue asks for (same
+prompts, same run).
+
+    python -m clients.particles_eval run --out docs/particles
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from clients.http import check
+from clients.problems import Problem, generate, is_correct, write_text_atomic
+
+METHODS = {
+    "best-of-n": None,
+    "PF": {"annealing": "none", "resampling": "multinomial"},
+    "ePF (EA)": {"annealing": "ess", "resampling": "systematic"},
+    "ePF (EA + LaM)": {"annealing": "ess", "resampling": "systematic", "lookahead": True},
+}
+
+
+async def solve(url: str, problems: list[Problem], method: str, n: int, args) -> dict:
+    gate = asyncio.Semaphore(args.concurrency)
+
+    async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
+        async def one(problem: Problem) -> tuple[bool, int]:
+            body = {"messages": [{"role": "user", "content": problem.question}],
+                    "max_tokens": args.max_tokens, "temperature": 0.8}
+            if method == "best-of-n":
+                body |= {"n": n, "steering": {"return_entropy": True}}
+            else:
+                body["steering"] = {"particles": {
+                    "n": n, "step_delimiter": args.delimiter, "max_steps": args.max_steps,
+                    **METHODS[method]}}
+            async with gate:
+                reply = check(await client.post("/v1/chat/completions", json=body))
+            if method == "best-of-n":
+                best = max(reply["choices"], key=lambda c: certainty(c["steering"]))
+                text = best["message"]["content"]
+            else:
+                text = reply["choices"][0]["message"]["content"]
+            return is_correct(text, problem.answer), reply["usage"]["completion_tokens"]
+
+        started = time.monotonic()
+        results = await asyncio.gather(*(one(p) for p in problems))
+        seconds = time.monotonic() - started
+    tokens = sum(t for _, t in results)
+    return {"method": "single sample" if n == 1 else method, "n": n,
+            "accuracy": statistics.fmean(c for c, _ in results),
+            "tokens_per_question": tokens / len(problems), "seconds": seconds,
+            "tokens_per_second": tokens / seconds}
+
+
+def certainty(steering: dict) -> float:
+    """Self-certainty of a whole answer: exp(-mean token entropy)."""
+    known = [h for h in steering["token_entropy"] if h is not None]
+    return math.exp(-statistics.fmean(known)) if known else 0.0
+
+
+def run(args) -> None:
+    from clients.local_server import steer_server
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    problems = generate(args.problems, seed=3)
+    server = None if args.url else steer_server(Path(tempfile.mkdtemp()) / "server.log")
+    url = args.url or server.base_url
+    rows = []
+    try:
+        plan = [("best-of-n", 1)] + [(m, n) for n in args.n if n > 1 for m in METHODS]
+        for method, n in plan:
+            row = asyncio.run(solve(url, problems, method, n, args))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        model = check(httpx.get(f"{url}/v1/models"))["data"][0]["id"]
+    finally:
+        if server is not None:
+            server.stop()
+    speed = {(r["method"], r["n"]): r["tokens_per_second"] for r in rows}
+    report = {"model": model, "problems": len(problems), "max_tokens": args.max_tokens,
+              "epf_vs_sampling": {n: speed[("ePF (EA)", n)] / speed[("best-of-n", n)]
+                                  for n in args.n if ("ePF (EA)", n) in speed},
+              "delimiter": args.delimiter, "max_steps": args.max_steps,
+              "concurrency": args.concurrency, "rows": rows}
+    write_text_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "results.md", markdown(report))
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"Model {report['model']}, {report['problems']} problems (seed 3), temperature 0.8, "
+        f"max_tokens {report['max_tokens']} per particle, step delimiter "
+        f"{json.dumps(report['delimiter'])}, max_steps {report['max_steps']}, "
+        f"{report['concurrency']} requests at a time; reward: self-certainty.", "",
+        "| method | n | accuracy | generated tokens / problem | wall time (s) | tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(f"| {r['method']} | {r['n']} | {r['accuracy']:.3f} | "
+                     f"{r['tokens_per_question']:.0f} | {r['seconds']:.0f} | "
+                     f"{r['tokens_per_second']:.0f} |")
+    ratios = ", ".join(f"n = {n}: {ratio:.2f}×" for n, ratio in report["epf_vs_sampling"].items())
+    lines += ["", "Throughput of ePF (EA) relative to sampling n whole answers (best-of-n) on the "
+              f"same prompts in the same run: {ratios}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m clients.particles_eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="the whole experiment")
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--url", help="use a running server instead of starting one")
+    r.add_argument("--problems", type=int, default=40)
+    r.add_argument("--n", type=int, nargs="+", default=[1, 4, 8])
+    r.add_argument("--max-tokens", type=int, default=128)
+    r.add_argument("--max-steps", type=int, default=8)
+    r.add_argument("--delimiter", default="\n")
+    r.add_argument("--concurrency", type=int, default=4)
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
