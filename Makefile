@@ -32,7 +32,7 @@ prometheus:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
 
 test: setup prometheus
-	$(VENV)/bin/ruff check server steering clients tests
+	$(VENV)/bin/ruff check server steering clients tests examples
 	$(VENV)/bin/pytest -q
 
 test-unit: setup

@@ -1,4 +1,4 @@
-"""`steer` command line: `steer serve`, `steer bench`, `steer vectors`, `steer probe`."""
+"""`steer` command line: serve, bench, vectors, probe, chat, complete."""
 
 from __future__ import annotations
 
@@ -149,6 +149,8 @@ COMMANDS = {
     "bench": "plain vLLM vs entropy-steer: throughput and TTFT ratios in one run",
     "vectors": "list, show, upload, delete or compute steering vectors on a running server",
     "probe": "label questions, train DiffAdapt difficulty probes, manage them on a server",
+    "chat": "send one chat message to a running server (streams the answer)",
+    "complete": "send one completion prompt to a running server (streams the answer)",
 }
 
 
@@ -168,6 +170,10 @@ def main(argv: list[str] | None = None) -> None:
         from clients.bench import main as bench_main
 
         return bench_main(rest)
+    if command in ("chat", "complete"):
+        from clients.generate_cli import main as generate_main
+
+        return generate_main(command, rest)
     if command == "probe":
         from clients.probes import main as probe_main
 
