@@ -32,6 +32,7 @@ def create_app(engine: Engine, api_key: str | None = None, admin_key: str | None
         if prm is not None:
             await prm.start()
         metrics = SteerMetrics()
+        metrics.watch_engine(engine)
         router = DifficultyRouter(engine, metrics, strategies or dict(DEFAULT_STRATEGIES),
                                   diffadapt_max_tokens)
         app.state.steer = ServerState(engine, metrics, router, particles or ParticleConfig(),

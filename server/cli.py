@@ -27,16 +27,17 @@ def serve_parser():
         prog="steer serve",
         description="Serve the OpenAI-compatible API with entropy steering. Without a model, "
         "serves the bundled SmolLM2-135M-Instruct (converted once into the cache). "
-        "`--model PATH` (or a positional PATH) serves a local HF-format folder. Every vLLM "
+        "`--model PATH` (or a positional PATH, or env STEER_MODEL) serves a local HF-format "
+        "folder. Every vLLM "
         "engine argument (--dtype, --max-model-len, --tensor-parallel-size, "
         "--gpu-memory-utilization, --enforce-eager, ...) is accepted and passed to the engine.",
     )
     parser.add_argument("model_path", nargs="?", help="local HF-format model folder")
     parser.add_argument("--host", default=os.environ.get("STEER_HOST", DEFAULT_HOST))
     parser.add_argument("--port", type=int, default=int(os.environ.get("STEER_PORT", DEFAULT_PORT)))
-    parser.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"),
+    parser.add_argument("--api-key", default=os.environ.get("STEER_API_KEY") or None,
                         help="require 'Authorization: Bearer KEY' on /v1/* (env STEER_API_KEY)")
-    parser.add_argument("--admin-key", default=os.environ.get("STEER_ADMIN_KEY"),
+    parser.add_argument("--admin-key", default=os.environ.get("STEER_ADMIN_KEY") or None,
                         help="required to upload or delete steering artifacts (env "
                         "STEER_ADMIN_KEY); also accepted as an API key")
     parser.add_argument("--artifacts-dir", type=Path,
@@ -70,7 +71,7 @@ def serve_parser():
     parser.add_argument("--disable-uvicorn-access-log", action="store_true",
                         help="no per-request access log lines")
     AsyncEngineArgs.add_cli_args(parser)
-    parser.set_defaults(model=None, dtype=None)
+    parser.set_defaults(model=os.environ.get("STEER_MODEL"), dtype=None)
     return parser
 
 

@@ -7,7 +7,7 @@ telemetry channel; they are observed here, once per generated token, after each 
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 ENTROPY_BUCKETS = (
     0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 11.0)
@@ -21,6 +21,10 @@ class SteerMetrics:
     """All steer_* metrics, registered once per registry."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.engine_up = Gauge(
+            "steer_engine_up", "1 while the inference engine runs (0: /health fails with 503)",
+            ("model",), registry=registry,
+        )
         self.token_entropy = Histogram(
             "steer_token_entropy_nats",
             "Entropy of each generated token's distribution "
@@ -78,6 +82,10 @@ class SteerMetrics:
             "Time from request arrival to the last generated token",
             LABELS, buckets=LATENCY_BUCKETS, registry=registry,
         )
+
+    def watch_engine(self, engine) -> None:
+        """Report the engine's health at every scrape."""
+        self.engine_up.labels(engine.model_name).set_function(lambda: float(engine.healthy))
 
     def observe_tokens(self, model: str, method: str, entropy, varentropy) -> None:
         h = self.token_entropy.labels(model, method)
