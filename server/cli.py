@@ -8,8 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-from server.diffadapt import DEFAULT_MAX_TOKENS
-from server.particles import DEFAULT_MAX_TOTAL_TOKENS
 from steering.vllm_adapter.layer_steering import DEFAULT_SLOTS
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
@@ -22,6 +20,9 @@ def serve_parser():
     """`steer serve`: our options plus every vLLM engine argument."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from server.diffadapt import DEFAULT_MAX_TOKENS
+    from server.particles import DEFAULT_MAX_TOTAL_TOKENS
 
     parser = FlexibleArgumentParser(
         prog="steer serve",
