@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from clients.http import bearer_headers
 from server.protocol import SteeringOptions
 
 
@@ -170,9 +171,8 @@ class _Calls:
 
 class _Keys:
     def __init__(self, api_key: str | None, admin_key: str | None) -> None:
-        self.read = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        write = admin_key or api_key
-        self.write = {"Authorization": f"Bearer {write}"} if write else {}
+        self.read = bearer_headers(api_key, admin_key)
+        self.write = bearer_headers(api_key, admin_key, admin=True)
 
     def headers(self, call: _Call) -> dict:
         return self.write if call.admin else self.read

@@ -23,8 +23,9 @@ from pathlib import Path
 import httpx
 
 from clients.http import check
-from clients.probes import label, probe_meta, save_probe, train, upload
+from clients.probes import label, probe_meta, train, upload
 from clients.problems import Problem, generate, is_correct, write_text_atomic
+from steering.artifacts import write_artifact
 from steering.diffadapt import CLASSES, DEFAULT_STRATEGIES
 
 PROBE_NAME = "diffadapt-eval"
@@ -84,7 +85,7 @@ def run(args) -> None:
                           "DiffAdapt difficulty probe for the bundled model, trained on the "
                           "project's arithmetic / counting / comparison problems")
         if args.probe_out:
-            save_probe(Path(args.probe_out), probe.tensors(), meta)
+            write_artifact(Path(args.probe_out), probe.tensors(), meta)
         upload(url, {}, PROBE_NAME, probe.tensors(), meta)
         rows = []
         for method in ("plain", *CLASSES, "diffadapt"):

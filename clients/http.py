@@ -33,7 +33,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="for uploads and deletions (env STEER_ADMIN_KEY)")
 
 
-def auth_headers(args: argparse.Namespace, admin: bool = False) -> dict:
+def bearer_headers(api_key: str | None, admin_key: str | None, admin: bool = False) -> dict:
     """Bearer headers: the API key, or for writes the admin key (falling back to the API key)."""
-    key = (args.admin_key or args.api_key) if admin else args.api_key
+    key = (admin_key or api_key) if admin else api_key
     return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def auth_headers(args: argparse.Namespace, admin: bool = False) -> dict:
+    """`bearer_headers` for the keys on the command line."""
+    return bearer_headers(args.api_key, args.admin_key, admin)

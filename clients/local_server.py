@@ -22,14 +22,15 @@ def free_port() -> int:
 class LocalServer:
     """A server process in its own session (so stopping it stops its engine processes too)."""
 
-    def __init__(self, cmd: list[str], log_path: Path) -> None:
+    def __init__(self, cmd: list[str], log_path: Path, env: dict | None = None) -> None:
+        """`cmd` gets `--port PORT` appended; `env` adds to (or replaces) the environment."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         with open(log_path, "w") as log:
             self.process = subprocess.Popen(
                 [*cmd, "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

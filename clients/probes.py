@@ -29,12 +29,11 @@ from pathlib import Path
 
 import httpx
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from clients.http import ServerError, add_server_arguments, auth_headers, check
 from clients.problems import Problem, is_correct, read_problems, write_text_atomic
-from steering.artifacts import atomic_save
+from steering.artifacts import read_artifact, write_artifact
 from steering.diffadapt import (
     CLASSES,
     DifficultyProbe,
@@ -135,16 +134,6 @@ def probe_meta(name: str, probe: DifficultyProbe, labelled: dict, metrics: dict,
             "description": description, "created": time.time()}
 
 
-def save_probe(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """A probe file in the server's own format (what `upload` and the bundled probe read)."""
-    atomic_save(tensors, {"meta": json.dumps(meta)}, path)
-
-
-def read_probe_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    with safe_open(path, framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["meta"])
-
-
 def upload(url: str, admin_headers: dict, name: str, tensors: dict, meta: dict) -> dict:
     return check(httpx.post(f"{url}/v1/steering/probes", headers=admin_headers, timeout=120,
                             json={"name": name, "model": meta["model"],
@@ -202,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(check(httpx.get(f"{url}/v1/steering/probes/{args.name}",
                                              headers=read)), indent=2))
         elif args.command == "upload":
-            tensors, meta = read_probe_file(args.file)
+            tensors, meta = read_artifact(args.file)
             stored = upload(url, admin, args.name or meta["name"], tensors, meta)
             print(f"stored '{stored['id']}'")
         elif args.command == "delete":
@@ -226,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
                               f"steer probe train --labels {args.labels.name} "
                               f"--width {args.width}", args.description)
             if args.out:
-                save_probe(args.out, probe.tensors(), meta)
+                write_artifact(args.out, probe.tensors(), meta)
             if args.upload:
                 upload(url, admin, args.name, probe.tensors(), meta)
                 print(f"stored '{args.name}'")

@@ -118,11 +118,9 @@ def _install_vectors(store, folder: Path) -> None:
 
 
 def _install_probes(store, folder: Path) -> None:
-    from safetensors import safe_open
+    from steering.artifacts import read_artifact
 
     for name, spec in BUNDLED_PROBES.items():
-        with safe_open(folder / spec["file"], framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-            meta = json.loads(f.metadata()["meta"])
+        tensors, meta = read_artifact(folder / spec["file"])
         store.put(name, tensors, thresholds=meta["thresholds"], metrics=meta["metrics"],
                   source=meta["source"], description=meta["description"])

@@ -79,10 +79,10 @@ class DifficultyRouter:
         self.strategies = strategies
         self.default_max_tokens = default_max_tokens
 
-    def check(self, options: DiffAdaptOptions) -> None:
-        """Fail before any work when the probe does not exist."""
+    def probe(self, options: DiffAdaptOptions):
+        """The stored probe the request names (404 when there is none)."""
         try:
-            self.engine.probes.get(options.probe)
+            return self.engine.probes.get(options.probe)[0]
         except ArtifactNotFound:
             raise NotFound(f"no probe named '{options.probe}'", "steering.diffadapt.probe",
                            "probe_not_found") from None
@@ -91,11 +91,7 @@ class DifficultyRouter:
                      max_tokens: int | None) -> Decision:
         """Probe the question (as the client sent it) and pick its class's strategy; the
         budget is the class's share of `max_tokens` (the server default when None)."""
-        try:
-            probe, _ = self.engine.probes.get(options.probe)
-        except ArtifactNotFound:  # deleted since `check`
-            raise NotFound(f"no probe named '{options.probe}'", "steering.diffadapt.probe",
-                           "probe_not_found") from None
+        probe = self.probe(options)  # again: it may have been deleted since `route` began
         features = await self.engine.prompt_features(question_ids)
         probabilities = probe.probabilities(features[None])[0]
         difficulty = CLASSES[int(probabilities.argmax())]
@@ -116,7 +112,7 @@ class DifficultyRouter:
         """For each question: the token ids to generate from (its strategy's prompt, rendered
         by `render` as the route does for any text) and the decision, its budget clamped to
         the context left."""
-        self.check(options)
+        self.probe(options)  # fail before any work when it does not exist
 
         async def one(question: str) -> tuple[list[int], Decision]:
             decision = await self.decide(options, render(question), max_tokens)

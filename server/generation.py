@@ -203,8 +203,7 @@ class Generation:
                 yield index, item
             self.metrics.e2e.labels(*labels).observe(time.monotonic() - self.arrival)
         except BaseException as exc:
-            status = getattr(exc, "status", 499 if isinstance(exc, asyncio.CancelledError) else 500)
-            self.metrics.request_errors.labels(*labels, str(status)).inc()
+            self.metrics.count_error(*labels, exc)
             raise
         finally:
             for task in tasks:

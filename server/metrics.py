@@ -7,6 +7,8 @@ telemetry channel; they are observed here, once per generated token, after each 
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 ENTROPY_BUCKETS = (
@@ -86,6 +88,11 @@ class SteerMetrics:
     def watch_engine(self, engine) -> None:
         """Report the engine's health at every scrape."""
         self.engine_up.labels(engine.model_name).set_function(lambda: float(engine.healthy))
+
+    def count_error(self, model: str, method: str, exc: BaseException) -> None:
+        """A request that ended in `exc`: its HTTP status (499: the client went away)."""
+        default = 499 if isinstance(exc, asyncio.CancelledError) else 500
+        self.request_errors.labels(model, method, str(getattr(exc, "status", default))).inc()
 
     def observe_tokens(self, model: str, method: str, entropy, varentropy) -> None:
         h = self.token_entropy.labels(model, method)

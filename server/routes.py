@@ -250,9 +250,7 @@ async def _particles(state: ServerState, body: GenerationRequest, plan: Plan,
         try:
             return await work
         except BaseException as exc:
-            status = getattr(exc, "status", 499 if isinstance(exc, asyncio.CancelledError)
-                             else 500)
-            metrics.request_errors.labels(*label, str(status)).inc()
+            metrics.count_error(*label, exc)
             raise
 
     if body.stream:

@@ -96,6 +96,19 @@ def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path
         os.close(dir_fd)
 
 
+def write_artifact(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """An artifact file: the tensors, and `meta` as JSON under the header key "meta"."""
+    atomic_save({k: v.contiguous() for k, v in tensors.items()}, {"meta": json.dumps(meta)},
+                Path(path))
+
+
+def read_artifact(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and the metadata of an artifact file."""
+    with safe_open(path, framework="pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}, json.loads(
+            (f.metadata() or {})["meta"])
+
+
 Payload = TypeVar("Payload")
 Meta = TypeVar("Meta")
 
@@ -137,8 +150,7 @@ class _Store(Generic[Payload, Meta]):
 
     def _store(self, payload: Payload, meta: Meta, tensors: dict[str, torch.Tensor]) -> Meta:
         self._check(payload, meta)
-        atomic_save({k: v.contiguous() for k, v in tensors.items()},
-                     {"meta": json.dumps(asdict(meta))}, self.root / f"{meta.name}{SUFFIX}")
+        write_artifact(self.root / f"{meta.name}{SUFFIX}", tensors, asdict(meta))
         self._items[meta.name] = (payload, meta)
         return meta
 
@@ -149,9 +161,7 @@ class _Store(Generic[Payload, Meta]):
                                 f"serves '{self.model}'", "model")
 
     def _read(self, path: Path) -> tuple[Payload, Meta]:
-        with safe_open(path, framework="pt") as f:
-            raw = json.loads((f.metadata() or {})["meta"])
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        tensors, raw = read_artifact(path)
         meta = self.meta_class(**raw)
         if path.name != f"{meta.name}{SUFFIX}":
             raise ArtifactError(f"file name does not match the {self.kind}'s name '{meta.name}'")

@@ -7,13 +7,12 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import yaml
 
-from clients.local_server import free_port
+from clients.local_server import LocalServer
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -63,23 +62,14 @@ def test_image_entry_point_serves_as_a_plain_process(tmp_path):
     entrypoint, env, health = dockerfile_instructions(ROOT / "Dockerfile")
     cpu_entrypoint, cpu_env, cpu_health = dockerfile_instructions(ROOT / "deploy/Dockerfile.cpu")
     assert cpu_entrypoint == entrypoint and "STEER_MODEL" not in cpu_env
-    port = free_port()
-    env = {**os.environ, **env, "STEER_MODEL": str(ensure_default_model()),
-           "STEER_ARTIFACTS_DIR": str(tmp_path / "artifacts"), "STEER_PORT": str(port),
+    env = {**env, "STEER_MODEL": str(ensure_default_model()),
+           "STEER_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
            "STEER_CACHE_DIR": str(tmp_path / "cache"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    log = open(tmp_path / "server.log", "w")
-    process = subprocess.Popen(entrypoint, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    server = LocalServer(entrypoint, tmp_path / "server.log", env=env).wait_healthy()
+    port = server.port
+    env = {**os.environ, **env, "STEER_PORT": str(port)}  # what the health check reads
     try:
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            assert process.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
         check = [sys.executable if health[0].startswith("python") else health[0], *health[1:]]
         done = subprocess.run(check, env=env, capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, shlex.join(check) + done.stderr
@@ -87,6 +77,4 @@ def test_image_entry_point_serves_as_a_plain_process(tmp_path):
         assert models[0]["id"] == "SmolLM2-135M-Instruct"
         assert (tmp_path / "artifacts" / "vectors").is_dir()
     finally:
-        os.killpg(process.pid, 15)
-        process.wait(60)
-        log.close()
+        server.stop()
