@@ -16,13 +16,25 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 CPU_DEFAULT_KV_CACHE_BYTES = 2 << 30
 
 
+def bounded_int(low: int, high: int):
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
+        return value
+    return parse
+
+
 def serve_parser():
     """`steer serve`: our options plus every vLLM engine argument."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from server.diffadapt import DEFAULT_MAX_TOKENS
+    from server.engine import DEFAULT_VREASON_MAX_STEPS
     from server.particles import DEFAULT_MAX_TOTAL_TOKENS
+    from server.protocol import MAX_VREASON_STEPS
 
     parser = FlexibleArgumentParser(
         prog="steer serve",
@@ -69,6 +81,10 @@ def serve_parser():
     parser.add_argument("--particles-max-tokens", type=int, default=DEFAULT_MAX_TOTAL_TOKENS,
                         help="largest n × max_tokens (× 2 with look-ahead) one particle-"
                         "filter request may ask for")
+    parser.add_argument("--vreason-max-steps", default=DEFAULT_VREASON_MAX_STEPS,
+                        type=bounded_int(1, MAX_VREASON_STEPS),
+                        help="most optimiser steps per V-Reason update a request may ask for "
+                        f"(at most {MAX_VREASON_STEPS})")
     parser.add_argument("--disable-uvicorn-access-log", action="store_true",
                         help="no per-request access log lines")
     AsyncEngineArgs.add_cli_args(parser)
@@ -132,7 +148,7 @@ def serve(args: argparse.Namespace) -> None:
     model_name = (names[0] if isinstance(names, list) else names) or Path(args.model).name
     artifacts = args.artifacts_dir or cache_dir() / "artifacts" / model_name.replace("/", "--")
     engine = Engine(engine_args, model_name, Path(artifacts), vector_slots=args.vector_slots,
-                    bundled_model=bundled)
+                    bundled_model=bundled, vreason_max_steps=args.vreason_max_steps)
     app = create_app(engine, api_key=args.api_key, admin_key=args.admin_key,
                      strategies=load_strategies(args.diffadapt_strategies),
                      diffadapt_max_tokens=args.diffadapt_max_tokens,

@@ -31,8 +31,12 @@ from steering.vllm_adapter.logits_processors import (
     TypicalLogitsProcessor,
 )
 from steering.vllm_adapter.telemetry import EntropyTrace, TelemetryCollector
+from steering.vllm_adapter.vreason import VReasonProcessor, encode_config
+from steering.vreason import VReasonConfig
 
 logger = logging.getLogger("entropy_steer.engine")
+
+DEFAULT_VREASON_MAX_STEPS = 8  # optimiser steps per V-Reason update a request may ask for
 
 # How long a finished request waits for its last entropy values (sent before the token itself,
 # so this only matters when the engine process is overloaded or dying).
@@ -67,11 +71,17 @@ class SamplingOptions:
     east: tuple[EastSpec, ...] = ()
     capture_layers: tuple[int, ...] = ()  # residual stream at the last prompt token
     capture_final: bool = False  # the last layer's, after the final norm
+    vreason: VReasonConfig | None = None
     include_stop_str_in_output: bool = False
 
     @property
     def capturing(self) -> bool:
         return bool(self.capture_layers) or self.capture_final
+
+    @property
+    def needs_capture_row(self) -> bool:
+        """Whether the choice uses one of the engine's per-step capture rows while it runs."""
+        return self.capturing or self.vreason is not None
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,7 @@ class ChoiceDelta:
     stop_reason: str | int | None = None  # the stop string (or token) that ended it, if any
     trace: EntropyTrace | None = field(default=None, repr=False)  # complete, on the last delta
     hidden_states: dict[int | str, list[float]] | None = None  # on the last delta, when asked
+    vreason: dict | None = None  # V-Reason's updates, on the last delta
 
 
 class VectorSlots:
@@ -148,8 +159,11 @@ class Engine:
     process."""
 
     def __init__(self, engine_args, model_name: str, artifacts_dir: Path,
-                 vector_slots: int = DEFAULT_SLOTS, bundled_model: bool = False) -> None:
+                 vector_slots: int = DEFAULT_SLOTS, bundled_model: bool = False,
+                 vreason_max_steps: int = DEFAULT_VREASON_MAX_STEPS) -> None:
         self._engine_args = engine_args
+        self.vreason_max_steps = vreason_max_steps
+        self.vreason_unsupported: str | None = None
         self._bundled_model = bundled_model  # then its ready-made vectors are installed
         self.model_name = model_name
         self._artifacts_dir = artifacts_dir
@@ -181,6 +195,7 @@ class Engine:
             TypicalLogitsProcessor,
             EntropyTelemetryProcessor,
             SteeringRowsProcessor,
+            VReasonProcessor,
         ]
         args.worker_extension_cls = "steering.vllm_adapter.worker.SteeringWorkerExtension"
         additional = dict(args.additional_config or {})
@@ -196,6 +211,7 @@ class Engine:
         self.num_layers = table["layers"]
         self._slots = VectorSlots(self._llm, table["slots"])
         self._capture_slots = asyncio.Semaphore(table["capture_rows"])
+        self.vreason_unsupported = table["vreason_unsupported"]
         self.vectors = VectorStore(self._artifacts_dir / "vectors", self.model_name,
                                    table["hidden_size"], self.num_layers)
         self.probes = ProbeStore(self._artifacts_dir / "probes", self.model_name,
@@ -253,6 +269,8 @@ class Engine:
             if not 0 <= layer < self.num_layers:
                 raise InvalidRequest(f"layer {layer} is outside [0, {self.num_layers})",
                                      "steering.return_hidden_states")
+        if options.vreason is not None:
+            self._check_vreason(options.vreason)
         options = replace(options, east=tuple(
             self._resolve_east(spec, "steering.east" + (f".{i}" if len(options.east) > 1 else ""))
             for i, spec in enumerate(options.east)))
@@ -265,6 +283,14 @@ class Engine:
                 "max_tokens",
             )
         return options
+
+    def _check_vreason(self, config: VReasonConfig) -> None:
+        if self.vreason_unsupported is not None:
+            raise InvalidRequest(f"steering.vreason is not available on this server: "
+                                 f"{self.vreason_unsupported}", "steering.vreason")
+        if config.steps > self.vreason_max_steps:
+            raise InvalidRequest(f"steering.vreason.steps={config.steps} exceeds this server's "
+                                 f"limit of {self.vreason_max_steps}", "steering.vreason.steps")
 
     def _resolve_east(self, spec: EastSpec, param: str) -> EastSpec:
         """Check a vector use against the store; fill in the vector's own layer."""
@@ -290,6 +316,8 @@ class Engine:
             extra_args[ExtraArgs.TYPICAL_P] = options.typical_p
         if options.capturing:
             extra_args[ExtraArgs.CAPTURE] = True
+        if options.vreason is not None:
+            extra_args[ExtraArgs.VREASON] = encode_config(options.vreason)
         if options.east:
             extra_args[ExtraArgs.EAST] = [
                 [slot, spec.scale, layer, int(spec.all_positions)]
@@ -330,15 +358,17 @@ class Engine:
             raise EngineUnavailable("the engine is not running")
         request_id = f"steer-{uuid.uuid4().hex}"
         vectors = [(spec.vector, *self._vector_version(spec.vector)) for spec in options.east]
-        capturing = options.capturing
-        if capturing:  # the engine keeps a fixed number of capture rows per step
+        capturing, capture_row = options.capturing, options.needs_capture_row
+        if capture_row:  # the engine keeps a fixed number of capture rows per step
             await self._capture_slots.acquire()
         east_slots, trace, produced = [], self._collector.register(request_id), 0
         try:
             east_slots = await self._slots.acquire(vectors) if vectors else []
             params = self._sampling_params(options, request_id, east_slots)
             prompt = {"prompt_token_ids": prompt_token_ids}
-            if options.east:  # steered KV cache must never be shared with other requests
+            if options.vreason is not None:  # its value cache is edited: never share it
+                prompt["cache_salt"] = request_id
+            elif options.east:  # steered KV cache must never be shared with other requests
                 prompt["cache_salt"] = _steering_fingerprint(options.east, vectors)
             stream = self._llm.generate(prompt, params, request_id=request_id)
             async with contextlib.aclosing(stream):
@@ -350,11 +380,15 @@ class Engine:
                         if not await trace.wait_for(produced, TELEMETRY_TIMEOUT_S):
                             logger.warning("entropy telemetry for %s is incomplete", request_id)
                     entropy, varentropy = trace.window(start, produced)
-                    hidden_states = None
+                    hidden_states = vreason = None
                     if finished and capturing:
                         hidden_states = await self._take_capture(request_id, options)
+                    if finished and options.vreason is not None:
+                        vreason = (await self._llm.collective_rpc(
+                            "steer_take_vreason", args=(request_id,)))[0]
                     yield ChoiceDelta(
                         hidden_states=hidden_states,
+                        vreason=vreason,
                         text=completion.text,
                         token_ids=list(completion.token_ids),
                         logprobs=_convert_logprobs(
@@ -373,7 +407,7 @@ class Engine:
         finally:
             self._collector.unregister(request_id)
             self._slots.release(east_slots)
-            if capturing:
+            if capture_row:
                 self._capture_slots.release()
 
     async def _take_capture(self, request_id: str, options: SamplingOptions):

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from server.diffadapt import Decision
 from server.engine import ChoiceDelta, EastSpec, Engine, SamplingOptions, TokenLogprob
 from server.metrics import SteerMetrics
 from server.protocol import DiffAdaptOptions, GenerationRequest, ParticleOptions
+from steering.vreason import VReasonConfig
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Plan:
     capture_final: bool = False
     diffadapt: DiffAdaptOptions | None = None
     particles: ParticleOptions | None = None
+    vreason: VReasonConfig | None = None
 
     @classmethod
     def of(cls, request: GenerationRequest) -> Plan:
@@ -35,19 +37,22 @@ class Plan:
                      for o in request.east_options)
         steering = request.steering
         capture = (steering.return_hidden_states if steering else None) or []
+        vreason = steering.vreason if steering else None
         return cls(typical_p=mass if mass is not None and mass < 1 else None,
                    return_entropy=request.return_entropy, east=east,
                    capture_layers=tuple(dict.fromkeys(x for x in capture if x != "final")),
                    capture_final="final" in capture,
                    diffadapt=steering.diffadapt if steering else None,
-                   particles=steering.particles if steering else None)
+                   particles=steering.particles if steering else None,
+                   vreason=VReasonConfig(**vreason.model_dump()) if vreason else None)
 
     @property
     def methods(self) -> tuple[str, ...]:
         return tuple(name for name, used in (("diffadapt", self.diffadapt is not None),
                                              ("east", bool(self.east)),
                                              ("particles", self.particles is not None),
-                                             ("typical", self.typical_p is not None)) if used)
+                                             ("typical", self.typical_p is not None),
+                                             ("vreason", self.vreason is not None)) if used)
 
     @property
     def label(self) -> str:
@@ -75,6 +80,7 @@ def sampling_options(request: GenerationRequest, plan: Plan, max_tokens: int | N
         east=plan.east,
         capture_layers=plan.capture_layers,
         capture_final=plan.capture_final,
+        vreason=plan.vreason,
         ignore_eos=request.ignore_eos,
     )
 
@@ -91,6 +97,7 @@ class ChoiceResult:
     entropy: list[float | None] = field(default_factory=list)
     varentropy: list[float | None] = field(default_factory=list)
     hidden_states: dict[int | str, list[float]] | None = None
+    vreason: dict | None = None
 
     def add(self, delta: ChoiceDelta) -> None:
         self.text += delta.text
@@ -99,6 +106,8 @@ class ChoiceResult:
         self.finish_reason = delta.finish_reason
         if delta.hidden_states is not None:
             self.hidden_states = delta.hidden_states
+        if delta.vreason is not None:
+            self.vreason = delta.vreason
         if delta.trace is not None:
             self.entropy, self.varentropy = delta.trace.window(0, len(self.token_ids))
 
@@ -122,6 +131,8 @@ def steering_report(plan: Plan, result: ChoiceResult, options: SamplingOptions,
         report["east"] = [{"vector": e.vector, "scale": e.scale, "layers": list(e.layers),
                            "positions": "all" if e.all_positions else "generated"}
                           for e in options.east]
+    if options.vreason is not None:
+        report["vreason"] = {**asdict(options.vreason), **(result.vreason or {})}
     report["entropy"] = _summary(result.entropy)
     report["varentropy"] = _summary(result.varentropy)
     if plan.return_entropy:

@@ -95,9 +95,11 @@ def reject_conflicts(body, plan) -> None:
         raise InvalidRequest("with steering.particles, use steering.particles.stop", "stop")
     if getattr(body, "logprobs", None) not in (None, False):
         raise InvalidRequest("logprobs are not available with steering.particles", "logprobs")
-    if plan.diffadapt is not None or plan.capture_layers or plan.capture_final:
-        raise InvalidRequest("steering.particles does not combine with steering.diffadapt or "
-                             "steering.return_hidden_states", "steering.particles")
+    if plan.diffadapt is not None or plan.vreason is not None or plan.capture_layers \
+            or plan.capture_final:
+        raise InvalidRequest("steering.particles does not combine with steering.diffadapt, "
+                             "steering.vreason or steering.return_hidden_states",
+                             "steering.particles")
 
 
 @dataclass

@@ -19,6 +19,7 @@ MAX_EAST_SCALE = 1000.0
 MAX_VECTOR_VALUES = 65536
 MAX_PARTICLES = 64
 MAX_PARTICLE_STEPS = 256
+MAX_VREASON_STEPS = 64  # the schema's ceiling; `steer serve --vreason-max-steps` sets the limit
 
 
 class StrictModel(BaseModel):
@@ -69,6 +70,20 @@ class DiffAdaptOptions(StrictModel):
     strategies: dict[Literal["easy", "normal", "hard"], StrategyOverride] | None = None
 
 
+class VReasonOptions(StrictModel):
+    """V-Reason (arXiv 2510.17045): every `every` generated tokens, `steps` Adam steps on a
+    value-cache offset of the last decoder layer, raising the entropy while its EMA is at its
+    running peak and lowering it below. Defaults are ours; the paper does not publish them."""
+
+    every: Annotated[int, Field(ge=1, le=4096, description="update every k generated tokens")] = 4
+    steps: Annotated[int, Field(ge=1, le=MAX_VREASON_STEPS,
+                                description="optimiser steps per update")] = 2
+    lr: Annotated[float, Field(gt=0, le=1, description="Adam learning rate")] = 0.05
+    ema: Annotated[float, Field(ge=0, lt=1, description="EMA coefficient of the entropy")] = 0.9
+    positions: Literal["prompt", "context"] = Field(
+        default="prompt", description="tune the prompt's value vectors, or the whole context's")
+
+
 class ParticleOptions(StrictModel):
     """(Entropic) particle filtering over reasoning steps (Puri et al. 2025; ePF, arXiv
     2510.05825): `n` particles, each extended one step (up to `step_delimiter`) per iteration,
@@ -102,6 +117,7 @@ class SteeringOptions(StrictModel):
     )
     diffadapt: DiffAdaptOptions | None = None
     particles: ParticleOptions | None = None
+    vreason: VReasonOptions | None = None
     return_hidden_states: Annotated[
         list[Annotated[int, Field(ge=0)] | Literal["final"]], Field(min_length=1, max_length=8)
     ] | None = Field(default=None, description="hidden states at the last prompt token: a "

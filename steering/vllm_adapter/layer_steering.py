@@ -31,11 +31,13 @@ DEFAULT_CAPTURE_ROWS = 8  # requests capturing hidden states at once (the API ke
 class SteeringTable(nn.Module):
     """Resident steering vectors (slots × hidden) and one step's per-token coefficients
     (layers × max tokens × slots); for capture, the step's token rows to keep
-    (capture_rows) and what each layer's residual stream held there (layers × rows × hidden)."""
+    (capture_rows) and what each layer's residual stream held there (layers × rows × hidden)
+    and, for V-Reason, the last layer's attention query there (`captured_query`)."""
 
     def __init__(self, num_layers: int, max_tokens: int, hidden_size: int, slots: int,
                  dtype: torch.dtype, device: torch.device, capture_rows: int) -> None:
         super().__init__()
+        self.query_source: nn.Module | None = None  # the last layer's attention (V-Reason)
 
         def buffer(name, *shape, dtype=dtype):
             self.register_buffer(name, torch.zeros(*shape, dtype=dtype, device=device),
@@ -45,6 +47,25 @@ class SteeringTable(nn.Module):
         buffer("coefficients", num_layers, max_tokens, slots)
         buffer("capture_rows", capture_rows, dtype=torch.long)
         buffer("captured", num_layers, capture_rows, hidden_size)
+
+    def capture_queries_of(self, attention: nn.Module, query_size: int) -> None:
+        """Make `attention` (a vLLM attention layer) copy its query at the capture rows into a
+        new buffer `captured_query` (rows × query_size), by swapping in a subclass whose forward
+        does that first: attribute access and isinstance checks on the layer are unchanged."""
+        self.register_buffer("captured_query", torch.zeros(
+            self.capture_rows.numel(), query_size, dtype=self.captured.dtype,
+            device=self.captured.device), persistent=False)
+        table = self
+
+        class QueryCapture(type(attention)):
+            def forward(self, query, *args, **kwargs):
+                rows = table.capture_rows.clamp(max=query.shape[0] - 1)
+                kept = query.index_select(0, rows)
+                table.captured_query.copy_(kept.reshape(table.captured_query.shape))
+                return super().forward(query, *args, **kwargs)
+
+        attention.__class__ = QueryCapture
+        object.__setattr__(self, "query_source", attention)  # not a submodule of the table
 
     @property
     def num_layers(self) -> int:
@@ -124,6 +145,10 @@ def install_steerable_layers(model: nn.Module, vllm_config, slots: int = DEFAULT
             continue
         layers[index] = SteerableLayer(layer, index, table)
         wrapped += 1
+    last = getattr(layers[-1], "inner", layers[-1])
+    attention = getattr(getattr(last, "self_attn", None), "attn", None)
+    if attention is not None and hasattr(attention, "num_heads"):
+        table.capture_queries_of(attention, attention.num_heads * attention.head_size)
     model.steering_table = table
     logger.info("steering: wrapped %d decoder layers of %s (%d slots, %d tokens)",
                 wrapped, name, slots, max_tokens)

@@ -38,6 +38,7 @@ class ExtraArgs:
     # list of [table slot, scale, layer, prompt positions too (0/1)]: residual-stream vectors
     EAST = "steer_east"
     CAPTURE = "steer_capture"  # bool: keep every layer's residual stream at the last prompt token
+    VREASON = "steer_vreason"  # [every, steps, lr, ema, positions]: V-Reason value-cache tuning
 
 
 def telemetry_address(vllm_config: VllmConfig) -> str | None:

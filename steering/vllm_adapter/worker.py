@@ -3,8 +3,9 @@
 Methods are called from the API process with `collective_rpc`, so they run on every
 tensor-parallel rank. `steer_install` registers forward hooks on the outer model (which vLLM does
 not compile): before every step they fill the steering table's coefficients and capture rows
-from the requests in the batch (tracked by `SteeringRowsProcessor`); after it they keep the
-captured hidden states of requests whose last prompt token was computed.
+from the requests in the batch (tracked by `SteeringRowsProcessor`) and run V-Reason's due
+value-cache updates; after it they keep the captured hidden states of requests whose last prompt
+token was computed, and V-Reason's captures.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from steering.east import fill_coefficients
 from steering.vllm_adapter.layer_steering import final_norm
 from steering.vllm_adapter.logits_processors import SteeringRowsProcessor
+from steering.vllm_adapter.vreason import ValueCacheTuner
 
 
 class _StepFiller:
@@ -33,10 +35,13 @@ class _StepFiller:
         self.used = 0  # token rows written last step (to zero them again)
         self.capturing: list[tuple[str, int]] = []  # (request key, capture slot) this step
         self.captures: dict[str, torch.Tensor] = {}  # request key -> (layers, hidden), on CPU
+        self.vreason = ValueCacheTuner(runner, table)
+        self.capturing_any = False
 
     def before_forward(self, module, args, kwargs) -> None:
         rows = self.rows_processor.rows
-        if not rows and not self.used:
+        vreason_rows = self.vreason.processor.rows
+        if not rows and not self.used and not vreason_rows:
             return
         ib = self.runner.input_batch
         qsl = self.runner.query_start_loc.np
@@ -60,15 +65,20 @@ class _StepFiller:
             if row is not None and len(capture_rows) < self.table.capture_rows.numel():
                 self.capturing.append((steering.key, len(capture_rows)))
                 capture_rows.append(row)
+        if vreason_rows:
+            self.vreason.before_forward(qsl, computed, ib.num_reqs, capture_rows)
         if capture_rows:
             self.table.capture_rows[: len(capture_rows)].copy_(torch.tensor(capture_rows))
+        self.capturing_any = bool(capture_rows)
 
     def after_forward(self, module, args, kwargs, output) -> None:
-        if not self.capturing:
+        if not self.capturing_any:
             return
         for key, slot in self.capturing:
             self.captures[key] = self.table.captured[:, slot].to("cpu", torch.float32, copy=True)
+        self.vreason.after_forward()
         self.capturing = []
+        self.capturing_any = False
         self.table.capture_rows.zero_()
         # Captures of aborted requests are never taken: keep only the newest few.
         while len(self.captures) > 4 * self.table.capture_rows.numel():
@@ -90,7 +100,8 @@ class SteeringWorkerExtension:
             model.register_forward_hook(filler.after_forward, with_kwargs=True)
         return {"layers": table.num_layers, "slots": table.slots,
                 "hidden_size": table.vectors.shape[1], "max_tokens": table.max_tokens,
-                "capture_rows": table.capture_rows.numel()}
+                "capture_rows": table.capture_rows.numel(),
+                "vreason_unsupported": self._steer_filler.vreason.unsupported}
 
     def steer_set_vector(self, slot: int, values: list[float]) -> None:
         """Make `values` the vector of table slot `slot`."""
@@ -113,3 +124,7 @@ class SteeringWorkerExtension:
                 normed = norm(captured[-1:].to(weight.device, weight.dtype))
             taken["final"] = normed[0].float().tolist()
         return taken
+
+    def steer_take_vreason(self, key: str) -> dict | None:
+        """The V-Reason report of request `key` (its updates and entropy peak); forgets it."""
+        return self._steer_filler.vreason.take_report(key)

@@ -1,0 +1,203 @@
+"""The experiment behind docs/vreason.md: greedy answers to the project's verifiable problems with
+and without V-Reason (k = 2 and k = 8), their accuracy, length and final-phase entropy, an
+entropy-trajectory plot, and the per-token latency and memory of V-Reason in the same run.
+
+Final-phase entropy is the mean token entropy after the global peak of the entropy EMA (the
+paper's macro-exploitation phase), with the EMA computed the same way for every method.
+
+    python -m clients.vreason_eval run --out docs/vreason
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+
+from clients.http import check
+from clients.problems import Problem, generate, is_correct, write_text_atomic
+from steering.vreason import EntropyPhase, VReasonConfig
+
+PLAIN = "greedy"
+
+
+def method_settings(every: list[int]) -> dict[str, dict | None]:
+    return {PLAIN: None, **{f"V-Reason k={k}": {"every": k} for k in every}}
+
+
+def final_phase(entropy: list[float], beta: float) -> tuple[int, float | None]:
+    """(token of the EMA's global peak, mean entropy after it)."""
+    phase = EntropyPhase(beta)
+    for h in entropy:
+        phase.observe(h)
+    after = entropy[phase.peak_token + 1:]
+    return phase.peak_token, statistics.fmean(after) if after else None
+
+
+async def solve(url: str, problems: list[Problem], vreason: dict | None, args) -> dict:
+    gate = asyncio.Semaphore(args.concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
+        async def one(problem: Problem) -> dict:
+            steering = {"return_entropy": True, **({"vreason": vreason} if vreason else {})}
+            async with gate:
+                reply = check(await client.post("/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": problem.question}],
+                    "max_tokens": args.max_tokens, "temperature": 0, "steering": steering}))
+            choice = reply["choices"][0]
+            entropy = [h for h in choice["steering"]["token_entropy"] if h is not None]
+            _, final = final_phase(entropy, VReasonConfig().ema)
+            return {"correct": is_correct(choice["message"]["content"], problem.answer),
+                    "tokens": reply["usage"]["completion_tokens"], "entropy": entropy,
+                    "final_entropy": final}
+        return {"answers": await asyncio.gather(*(one(p) for p in problems))}
+
+
+def summarise(name: str, answers: list[dict]) -> dict:
+    finals = [a["final_entropy"] for a in answers if a["final_entropy"] is not None]
+    return {"method": name, "accuracy": statistics.fmean(a["correct"] for a in answers),
+            "tokens": statistics.fmean(a["tokens"] for a in answers),
+            "final_phase_entropy": statistics.fmean(finals) if finals else None,
+            "mean_entropy": statistics.fmean(h for a in answers for h in a["entropy"])}
+
+
+def latency(url: str, prompts: list[str], vreason: dict | None, tokens: int) -> float:
+    """Seconds per generated token, one request at a time, `tokens` tokens each."""
+    spent = produced = 0.0
+    with httpx.Client(base_url=url, timeout=600) as client:
+        for prompt in prompts:
+            started = time.monotonic()
+            reply = check(client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
+                "temperature": 0, "ignore_eos": True,
+                **({"steering": {"vreason": vreason}} if vreason else {})}))
+            spent += time.monotonic() - started
+            produced += reply["usage"]["completion_tokens"]
+    return spent / produced
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and its descendants (the API process and the engine's)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in (root, *root.children(recursive=True))) / 2**20
+
+
+def run(args) -> None:
+    from clients.local_server import steer_server
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    problems = generate(args.problems, seed=5)
+    server = steer_server(Path(tempfile.mkdtemp()) / "server.log")
+    methods = method_settings(args.every)
+    rows, trajectories, bench = [], {}, []
+    try:
+        url = server.base_url
+        for name, vreason in methods.items():
+            answers = asyncio.run(solve(url, problems, vreason, args))["answers"]
+            rows.append(summarise(name, answers))
+            trajectories[name] = mean_trajectory([a["entropy"] for a in answers])
+            print(json.dumps(rows[-1]), flush=True)
+        prompts = [p.question for p in problems[: args.latency_prompts]]
+        rss_before = tree_rss_mib(server.process.pid)
+        for name, vreason in methods.items():
+            seconds = latency(url, prompts, vreason, args.latency_tokens)
+            bench.append({"method": name, "ms_per_token": 1000 * seconds,
+                          "rss_mib_after": tree_rss_mib(server.process.pid)})
+            print(json.dumps(bench[-1]), flush=True)
+        model = check(httpx.get(f"{url}/v1/models"))["data"][0]["id"]
+    finally:
+        server.stop()
+    base = bench[0]["ms_per_token"]
+    for row in bench:
+        row["ratio"] = row["ms_per_token"] / base
+    report = {"model": model, "problems": len(problems), "max_tokens": args.max_tokens,
+              "concurrency": args.concurrency, "settings": asdict(VReasonConfig()),
+              "rows": rows, "latency": {"prompts": len(prompts), "tokens": args.latency_tokens,
+                                        "rss_mib_before": rss_before, "rows": bench},
+              "trajectories": trajectories}
+    write_text_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "results.md", markdown(report))
+    plot(trajectories, out / "entropy.png")
+    print(markdown(report))
+
+
+def mean_trajectory(traces: list[list[float]]) -> list[float]:
+    """Mean entropy at each token position over the answers still running there."""
+    longest = max(map(len, traces), default=0)
+    return [statistics.fmean(t[i] for t in traces if len(t) > i) for i in range(longest)]
+
+
+def plot(trajectories: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 3.6))
+    for name, values in trajectories.items():
+        phase, smoothed = EntropyPhase(VReasonConfig().ema), []
+        for h in values:
+            phase.observe(h)
+            smoothed.append(phase.ema)
+        axis.plot(smoothed, label=name)
+    axis.set_xlabel("generated token")
+    axis.set_ylabel("entropy EMA (nats), mean over problems")
+    axis.legend()
+    figure.tight_layout()
+    partial = path.with_suffix(".partial.png")
+    figure.savefig(partial, dpi=120)
+    partial.replace(path)
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [
+        f"Model {report['model']}, {report['problems']} problems (seed 5), greedy decoding, "
+        f"max_tokens {report['max_tokens']}, {report['concurrency']} requests at a time. "
+        f"V-Reason: steps {s['steps']}, lr {s['lr']}, EMA β {s['ema']}, positions "
+        f"{s['positions']}.", "",
+        "| method | accuracy | output tokens | final-phase entropy | mean entropy |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        final = "–" if r["final_phase_entropy"] is None else f"{r['final_phase_entropy']:.3f}"
+        lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {r['tokens']:.1f} | {final} | "
+                     f"{r['mean_entropy']:.3f} |")
+    lat = report["latency"]
+    lines += ["", f"Per-token latency, one request at a time, {lat['prompts']} prompts × "
+              f"{lat['tokens']} tokens each (ignore_eos), same server, same run; resident "
+              f"memory of the server's process tree before the benchmark: "
+              f"{lat['rss_mib_before']:.0f} MiB.", "",
+              "| method | ms / token | ratio to greedy | RSS after (MiB) |", "|---|---|---|---|"]
+    for r in lat["rows"]:
+        lines.append(f"| {r['method']} | {r['ms_per_token']:.1f} | {r['ratio']:.2f}× | "
+                     f"{r['rss_mib_after']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m clients.vreason_eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="the whole experiment")
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--problems", type=int, default=100)
+    r.add_argument("--every", type=int, nargs="+", default=[2, 8])
+    r.add_argument("--max-tokens", type=int, default=128)
+    r.add_argument("--concurrency", type=int, default=4)
+    r.add_argument("--latency-prompts", type=int, default=8)
+    r.add_argument("--latency-tokens", type=int, default=64)
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""V-Reason's engine-free core against its formulas and against HF transformers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from server.default_model import ensure_default_model
+from steering.vreason import (
+    EntropyPhase,
+    LastLayerTail,
+    attention_output,
+    attention_weights,
+    norm_preserving,
+    switching_loss,
+    tune_values,
+)
+from tests import vreason_reference
+
+
+def test_ema_and_running_peak():
+    phase = EntropyPhase(beta=0.5)
+    seen = []
+    for h in (2.0, 4.0, 1.0, 0.0, 6.0):
+        phase.observe(h)
+        seen.append((phase.ema, phase.alpha))
+    # m = 2, 3, 2, 1, 3.5: at the running peak (+1) at tokens 0, 1 and 4, below it otherwise.
+    assert seen == [(2.0, 1), (3.0, 1), (2.0, -1), (1.0, -1), (3.5, 1)]
+    assert phase.peak == 3.5 and phase.peak_token == 4
+
+
+def test_after_the_global_peak_the_sign_stays_negative():
+    phase = EntropyPhase(beta=0.5)
+    for h in [1.0, 3.0, 3.0, 3.0]:  # m = 1, 2, 2.5, 2.75
+        phase.observe(h)
+    peak = phase.peak
+    signs = []
+    for h in [2.0, 1.0, 2.5, 0.5, 0.1]:  # m = 2.375, 1.69, 2.09, 1.30, 0.70: below the peak
+        phase.observe(h)
+        signs.append(phase.alpha)
+    assert phase.peak == peak and signs == [-1] * 5
+
+
+def test_switching_loss_is_signed_kl_to_uniform():
+    logits = torch.tensor([2.0, 0.5, -1.0, 0.0])
+    p = torch.softmax(logits, 0)
+    kl = float((p * (p.log() - math.log(1 / 4))).sum())
+    for alpha in (1, -1):
+        loss, entropy = switching_loss(logits, alpha)
+        assert float(loss) == pytest.approx(alpha * kl, rel=1e-6)
+        assert float(entropy) == pytest.approx(float(-(p * p.log()).sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [1, -1])
+def test_a_gradient_step_on_the_loss_moves_entropy_with_the_sign(alpha):
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    loss, before = switching_loss(logits, alpha)
+    loss.backward()
+    with torch.no_grad():
+        _, after = switching_loss(logits - 0.1 * logits.grad, alpha)
+    assert (after - before) * alpha > 0  # +1 raises the entropy, -1 lowers it
+
+
+def test_norm_preserving_update_keeps_each_value_vector_norm():
+    values = torch.randn(5, 3, 8)
+    delta = torch.randn(5, 3, 8)
+    moved = norm_preserving(values, delta)
+    torch.testing.assert_close(moved.norm(dim=-1), values.norm(dim=-1))
+    torch.testing.assert_close(norm_preserving(values, torch.zeros_like(delta)), values)
+
+
+def test_grouped_query_attention_matches_sdpa():
+    g = torch.Generator().manual_seed(1)
+    heads, kv_heads, positions, d = 6, 2, 7, 16
+    query, keys, values = (torch.randn(heads, d, generator=g),
+                           torch.randn(positions, kv_heads, d, generator=g),
+                           torch.randn(positions, kv_heads, d, generator=g))
+    weights = attention_weights(query, keys, scale=d ** -0.5)
+    out = attention_output(weights, values).view(heads, d)
+    expand = heads // kv_heads
+    k = keys.permute(1, 0, 2).repeat_interleave(expand, 0)
+    v = values.permute(1, 0, 2).repeat_interleave(expand, 0)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query[:, None], k, v)[:, 0]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    path = ensure_default_model()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _tail(model) -> LastLayerTail:
+    layer = model.model.layers[-1]
+    return LastLayerTail(o_proj=layer.self_attn.o_proj.weight,
+                         post_attention_norm=layer.post_attention_layernorm.weight,
+                         gate_proj=layer.mlp.gate_proj.weight, up_proj=layer.mlp.up_proj.weight,
+                         down_proj=layer.mlp.down_proj.weight, final_norm=model.model.norm.weight,
+                         lm_head=model.lm_head.weight, eps=model.config.rms_norm_eps)
+
+
+def _prefill(model, tokenizer, text: str):
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                        add_generation_prompt=True, return_dict=True)["input_ids"]
+    cache = DynamicCache()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True,
+                    output_hidden_states=True)
+    x = out.hidden_states[-2][0, -1]
+    layer = model.model.layers[-1]
+    position = len(ids) - 1
+    cos, sin = model.model.rotary_emb(x[None, None], torch.tensor([[position]]))
+    q = layer.self_attn.q_proj(layer.input_layernorm(x)).view(1, 1, -1, 64).transpose(1, 2)
+    q, _ = apply_rotary_pos_emb(q, torch.zeros(1, 1, 1, 64), cos, sin)
+    keys = cache.layers[-1].keys[0].transpose(0, 1)  # (positions, kv_heads, d)
+    values = cache.layers[-1].values[0].transpose(0, 1)
+    return ids, out.logits[0, -1], cache, x, q[0, :, 0], keys, values
+
+
+def test_recomputed_last_layer_gives_hf_logits(hf):
+    model, tokenizer = hf
+    _, logits, _, x, query, keys, values = _prefill(model, tokenizer, "Name three colours.")
+    weights = attention_weights(query, keys, model.model.layers[-1].self_attn.scaling)
+    recomputed = _tail(model).logits(attention_output(weights, values), x)
+    torch.testing.assert_close(recomputed, logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("alpha", [1, -1])
+def test_value_update_matches_the_hf_reference_and_moves_entropy_with_the_sign(hf, alpha):
+    model, tokenizer = hf
+    ids, logits, cache, x, query, keys, values = _prefill(model, tokenizer, "What is 12 + 30?")
+    tuned = torch.arange(len(ids))
+    update = tune_values(_tail(model), query, x, keys, values, tuned,
+                         model.model.layers[-1].self_attn.scaling, alpha, steps=3, lr=0.05)
+    expected = vreason_reference._update(model, cache, x[None, None], tuned, alpha, 3, 0.05)
+    assert update.entropy_before == pytest.approx(expected["entropy_before"], rel=1e-4, abs=1e-5)
+    assert update.entropy_after == pytest.approx(expected["entropy_after"], rel=1e-3, abs=1e-4)
+    assert update.delta_norm == pytest.approx(expected["delta_norm"], rel=1e-3)
+    written = cache.layers[-1].values[0].transpose(0, 1)[tuned]
+    assert (update.values - written).abs().max() < 1e-4
+    assert (update.entropy_after - update.entropy_before) * alpha > 0
