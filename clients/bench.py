@@ -118,13 +118,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-dir", type=Path, default=Path("bench-logs"))
     args = parser.parse_args(argv)
 
+    from server.cli import CPU_DEFAULT_BLOCK_SIZE, CPU_DEFAULT_KV_CACHE_BYTES
     from server.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 
     model_path = args.model or str(ensure_default_model())
     name = DEFAULT_MODEL_NAME if args.model is None else Path(args.model).name
     args.log_dir.mkdir(parents=True, exist_ok=True)
+    # The settings `steer serve` defaults to on CPU, given to both servers.
     common = ["--model", model_path, "--served-model-name", name, "--dtype", "float32",
-              "--kv-cache-memory-bytes", str(2 << 30), "--disable-uvicorn-access-log"]
+              "--kv-cache-memory-bytes", str(CPU_DEFAULT_KV_CACHE_BYTES),
+              "--block-size", str(CPU_DEFAULT_BLOCK_SIZE), "--disable-uvicorn-access-log"]
     commands = {
         "vllm": [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *common],
         "steer": [sys.executable, "-m", "server.cli", "serve", *common,

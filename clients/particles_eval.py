@@ -9,6 +9,7 @@ throughput ratio ePF / best-of-n at the same n is the benchmark the issue asks f
 prompts, same run).
 
     python -m clients.particles_eval run --out docs/particles
+    python -m clients.particles_eval throughput --n 8 --rounds 2   (the ratio alone)
 """
 
 from __future__ import annotations
@@ -103,6 +104,27 @@ def run(args) -> None:
     print(markdown(report))
 
 
+def throughput(args) -> None:
+    """Only the benchmark: ePF (EA) against best-of-n at each n, in alternating rounds on one
+    server (extra `steer serve` arguments after `--`)."""
+    from clients.local_server import steer_server
+
+    problems = generate(args.problems, seed=3)
+    server = steer_server(Path(tempfile.mkdtemp()) / "server.log", *args.server_args)
+    try:
+        for round_ in range(args.rounds):
+            for n in args.n:
+                rows = [asyncio.run(solve(server.base_url, problems, method, n, args))
+                        for method in ("best-of-n", "ePF (EA)")]
+                print(json.dumps({"round": round_, "n": n,
+                                  "best_of_n_tokens_per_second": rows[0]["tokens_per_second"],
+                                  "epf_tokens_per_second": rows[1]["tokens_per_second"],
+                                  "ratio": rows[1]["tokens_per_second"]
+                                  / rows[0]["tokens_per_second"]}), flush=True)
+    finally:
+        server.stop()
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"Model {report['model']}, {report['problems']} problems (seed 3), temperature 0.8, "
@@ -135,7 +157,17 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--max-steps", type=int, default=8)
     r.add_argument("--delimiter", default="\n")
     r.add_argument("--concurrency", type=int, default=4)
-    run(parser.parse_args(argv))
+    t = sub.add_parser("throughput", help="only the ePF / best-of-n throughput ratio")
+    t.add_argument("--problems", type=int, default=24)
+    t.add_argument("--n", type=int, nargs="+", default=[8])
+    t.add_argument("--rounds", type=int, default=2)
+    t.add_argument("--max-tokens", type=int, default=128)
+    t.add_argument("--max-steps", type=int, default=8)
+    t.add_argument("--delimiter", default="\n")
+    t.add_argument("--concurrency", type=int, default=4)
+    t.add_argument("server_args", nargs="*", help="extra `steer serve` arguments (after --)")
+    args = parser.parse_args(argv)
+    (run if args.command == "run" else throughput)(args)
 
 
 if __name__ == "__main__":

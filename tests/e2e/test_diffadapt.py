@@ -149,7 +149,7 @@ def test_bundled_probe_serves_and_metrics_count_classes(http, server):
 
 def test_long_question_reuses_the_probe_pass_prefill(http, server, probes):
     """The generation after the probe pass hits the prefix cache for the question's full
-    KV blocks (128 tokens per block on CPU)."""
+    KV blocks (32 tokens per block with steer serve's CPU default)."""
     def hits():
         text = httpx.get(f"{server.base_url}/metrics").text
         return float(re.search(r"^vllm:prefix_cache_hits_total\{[^}]*\} (\S+)$", text,

@@ -259,7 +259,7 @@ def test_steered_prompts_never_reuse_unsteered_prefix_cache(openai_client, hf_mo
         "vector": "dir-a", "scale": 4.0, "positions": "all"}}, max_tokens=8)
     reference = hf_steered_greedy(hf_model, steered["prompt_token_ids"], 8,
                                   [(vectors["dir-a"], 4.0, LAYER)], all_positions=True)
-    assert len(steered["prompt_token_ids"]) > 4 * 128  # several KV blocks (128 on CPU)
+    assert len(steered["prompt_token_ids"]) > 4 * 128  # several KV blocks (32 tokens on CPU)
     assert steered["token_ids"] == reference
 
 
