@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
 
 from server.artifact_routes import router as artifact_router
 from server.diffadapt import DEFAULT_MAX_TOKENS, DifficultyRouter
@@ -16,6 +17,37 @@ from server.routes import ServerState, ops, v1
 from steering.diffadapt import DEFAULT_STRATEGIES, Strategy
 
 MAX_BODY_BYTES = 8 << 20
+
+
+class BodyLimit:
+    """Refuses request bodies over `limit` bytes with a 413: by their Content-Length before
+    reading, and chunked uploads (no length) as soon as the bytes read pass the limit, so an
+    endless body is never buffered."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    def _message(self) -> str:
+        return f"request bodies are limited to {self.limit} bytes"
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            response = error_response(PayloadTooLarge(self._message()))
+            return await response(scope, receive, send)
+        read = 0
+
+        async def limited_receive():
+            nonlocal read
+            message = await receive()
+            read += len(message.get("body", b""))
+            if read > self.limit:  # an HTTPException, so FastAPI's body parsing passes it on
+                raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 def create_app(engine: Engine, api_key: str | None = None, admin_key: str | None = None,
@@ -47,15 +79,7 @@ def create_app(engine: Engine, api_key: str | None = None, admin_key: str | None
     app = FastAPI(title="entropy-steer", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible vLLM server with entropy-based steering")
     install_error_handlers(app)
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return error_response(PayloadTooLarge(
-                f"request bodies are limited to {MAX_BODY_BYTES} bytes"))
-        return await call_next(request)
-
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     app.include_router(v1)
     app.include_router(artifact_router)
     app.include_router(ops)

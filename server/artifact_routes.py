@@ -13,12 +13,13 @@ from dataclasses import asdict
 import torch
 from fastapi import APIRouter, Depends, Request
 
-from server.errors import Forbidden, InvalidRequest, NotFound
+from server.errors import ERROR_RESPONSES, Forbidden, InvalidRequest, NotFound
 from server.protocol import ProbeUpload, VectorUpload
 from server.routes import ServerState, bearer_token, get_state, require_api_key
 from steering.artifacts import ArtifactError, ArtifactNotFound, check_name
 
-router = APIRouter(prefix="/v1/steering", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1/steering", dependencies=[Depends(require_api_key)],
+                   responses=ERROR_RESPONSES)
 
 
 def require_admin_key(request: Request, state: ServerState = Depends(get_state)) -> None:

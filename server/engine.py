@@ -128,25 +128,29 @@ class VectorSlots:
     async def acquire(self, vectors: list[tuple[str, float, torch.Tensor]]) -> list[int]:
         async with self._lock:
             slots = []
-            for name, created, values in vectors:
-                key = (name, created)
-                slot = self._slot_of.get(key)
-                if slot is None:
-                    free = [i for i in range(self._count) if self._users[i] == 0 and i not in slots]
-                    if not free:
-                        self.release(slots)
-                        raise EngineBusy(f"all {self._count} steering-vector slots are in use by "
-                                         "running requests; retry shortly")
-                    slot = min(free, key=lambda i: self._last_used[i])
-                    old = self._key_of.pop(slot, None)
-                    if old is not None:
-                        del self._slot_of[old]
-                    await self._llm.collective_rpc("steer_set_vector",
-                                                   args=(slot, values.tolist()))
-                    self._key_of[slot], self._slot_of[key] = key, slot
-                self._users[slot] += 1
-                self._last_used[slot] = time.monotonic()
-                slots.append(slot)
+            try:
+                for name, created, values in vectors:
+                    key = (name, created)
+                    slot = self._slot_of.get(key)
+                    if slot is None:
+                        free = [i for i in range(self._count)
+                                if self._users[i] == 0 and i not in slots]
+                        if not free:
+                            raise EngineBusy(f"all {self._count} steering-vector slots are in "
+                                             "use by running requests; retry shortly")
+                        slot = min(free, key=lambda i: self._last_used[i])
+                        old = self._key_of.pop(slot, None)
+                        if old is not None:
+                            del self._slot_of[old]
+                        await self._llm.collective_rpc("steer_set_vector",
+                                                       args=(slot, values.tolist()))
+                        self._key_of[slot], self._slot_of[key] = key, slot
+                    self._users[slot] += 1
+                    self._last_used[slot] = time.monotonic()
+                    slots.append(slot)
+            except BaseException:  # busy, or the request was cancelled mid-load
+                self.release(slots)
+                raise
             return slots
 
     def release(self, slots: list[int]) -> None:
@@ -352,6 +356,7 @@ class Engine:
 
         With `entropy_per_delta`, every delta waits for its tokens' entropy values; otherwise
         deltas carry what has arrived and only the last one waits."""
+        from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if not self.healthy:
@@ -402,7 +407,7 @@ class Engine:
                     )
         except EngineDeadError as exc:
             raise EngineUnavailable("the engine process died") from exc
-        except ValueError as exc:  # vLLM's input validation (VLLMValidationError is a ValueError)
+        except (ValueError, VLLMValidationError) as exc:  # vLLM's input validation
             raise InvalidRequest(str(exc)) from exc
         finally:
             self._collector.unregister(request_id)

@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("entropy_steer.errors")
@@ -43,6 +44,12 @@ class PayloadTooLarge(APIError):
     status, type = 413, "invalid_request_error"
 
 
+class ClientClosed(APIError):
+    """The client went away before the response (nginx's 499); no one reads this body."""
+
+    status, type = 499, "client_closed_request"
+
+
 class EngineBusy(APIError):
     status, type = 429, "rate_limit_error"
 
@@ -55,6 +62,25 @@ class UpstreamError(APIError):
 
 class EngineUnavailable(APIError):
     status, type = 503, "service_unavailable"
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | int | None
+
+
+class ErrorBody(BaseModel):
+    """The OpenAI error body, as documented in the OpenAPI schema for every error status."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES = {
+    "4XX": {"model": ErrorBody, "description": "bad input, key, name or size"},
+    "5XX": {"model": ErrorBody, "description": "engine down, upstream failure, server fault"},
+}
 
 
 def error_body(status: int, type_: str, message: str, param=None, code=None) -> dict:
@@ -77,6 +103,15 @@ def _validation_param(loc: tuple) -> str | None:
     parts = [str(p) for p in loc[1:]
              if not (isinstance(p, str) and ("[" in p or "-" in p or p[:1].isupper()))]
     return ".".join(parts) or None
+
+
+def _unparsable_body(exc: StarletteHTTPException) -> str | None:
+    """What was wrong with a body FastAPI could not parse (it says only that it could not)."""
+    if isinstance(exc.__cause__, UnicodeDecodeError):
+        return f"the body is not valid UTF-8: {exc.__cause__}"
+    if isinstance(exc.__cause__, RecursionError):
+        return "the JSON body is nested too deeply"
+    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -106,10 +141,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException):
-        kinds = {401: Unauthorized, 403: Forbidden, 404: NotFound}
+        kinds = {400: InvalidRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound,
+                 413: PayloadTooLarge}
         cls = kinds.get(exc.status_code)
         if cls is not None:
-            return error_response(cls(str(exc.detail)))
+            return error_response(cls(_unparsable_body(exc) or str(exc.detail)))
         return JSONResponse(
             error_body(exc.status_code, "invalid_request_error", str(exc.detail)),
             status_code=exc.status_code,

@@ -1,7 +1,8 @@
 """OpenAI request models with this project's extensions (`typical_p`, `steering`).
 
 Every model forbids unknown fields, so a misspelt option is a 400 naming it rather than a
-silently ignored setting.
+silently ignored setting, and is strict about JSON types (`true` is not 1, `"5"` is not 5, `2.0`
+is not an integer; integers are fine for numbers).
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ MAX_VECTOR_VALUES = 65536
 MAX_PARTICLES = 64
 MAX_PARTICLE_STEPS = 256
 MAX_VREASON_STEPS = 64  # the schema's ceiling; `steer serve --vreason-max-steps` sets the limit
+MAX_TOP_K = 2**31 - 1  # vLLM's engine messages carry these as fixed-width integers
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TypicalOptions(StrictModel):
@@ -125,6 +128,9 @@ class SteeringOptions(StrictModel):
                      "last layer), or 'final': after the final norm (HF's last_hidden_state)")
 
 
+StopText = Annotated[str, Field(min_length=1)]
+
+
 class StreamOptions(StrictModel):
     include_usage: bool = False
 
@@ -138,13 +144,13 @@ class GenerationRequest(StrictModel):
     stream_options: StreamOptions | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0, le=2)] = 1.0
-    seed: int | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    seed: Annotated[int, Field(ge=MIN_SEED, le=MAX_SEED)] | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     user: str | None = None
     typical_p: Annotated[float, Field(gt=0, le=1)] | None = None
     steering: SteeringOptions | None = None

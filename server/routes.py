@@ -11,12 +11,19 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.diffadapt import DifficultyRouter, reject_conflicts
 from server.engine import Engine, TokenLogprob
-from server.errors import InvalidRequest, NotFound, Unauthorized
+from server.errors import (
+    ERROR_RESPONSES,
+    ClientClosed,
+    EngineUnavailable,
+    InvalidRequest,
+    NotFound,
+    Unauthorized,
+)
 from server.generation import (
     ChoiceResult,
     Generation,
@@ -63,18 +70,18 @@ def require_api_key(request: Request, state: ServerState = Depends(get_state)) -
         raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer KEY')")
 
 
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
-ops = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+ops = APIRouter(responses=ERROR_RESPONSES)
 
 
 @ops.get("/health")
 async def health(state: ServerState = Depends(get_state)):
     if not state.engine.healthy:
-        return JSONResponse({"status": "engine down"}, status_code=503)
+        raise EngineUnavailable("the engine is not running")
     return {"status": "ok"}
 
 
-@ops.get("/metrics")
+@ops.get("/metrics", response_class=PlainTextResponse)
 async def metrics(state: ServerState = Depends(get_state)):
     return Response(generate_latest(state.engine.prometheus_registry()),
                     media_type=CONTENT_TYPE_LATEST)
@@ -95,7 +102,11 @@ def _check_model(state: ServerState, request: GenerationRequest) -> None:
                        f"'{state.model_name}'", param="model", code="model_not_found")
 
 
-@v1.post("/completions")
+STREAMABLE = {200: {"content": {"text/event-stream": {}}, "description": "a JSON body, or "
+                   "server-sent events with `stream: true`"}}
+
+
+@v1.post("/completions", responses=STREAMABLE)
 async def completions(body: CompletionRequest, request: Request,
                       state: ServerState = Depends(get_state)):
     _check_model(state, body)
@@ -148,7 +159,7 @@ async def completions(body: CompletionRequest, request: Request,
     } for r in results]), "usage": generation.usage()}
 
 
-@v1.post("/chat/completions")
+@v1.post("/chat/completions", responses=STREAMABLE)
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            state: ServerState = Depends(get_state)):
     _check_model(state, body)
@@ -359,7 +370,8 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
 
 
 async def _cancel_on_disconnect(request: Request, work):
-    """Run `work`; if the client goes away first, cancel it (which aborts its engine requests)."""
+    """Run `work`; if the client goes away first, cancel it (which aborts its engine requests)
+    and end with a 499 that no one reads, rather than a cancelled task's traceback in the log."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -368,9 +380,14 @@ async def _cancel_on_disconnect(request: Request, work):
 
     watcher = asyncio.ensure_future(disconnected())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
         if not task.done():
             task.cancel()
-    return await task
+    if task in done:
+        return task.result()
+    await asyncio.wait({task})  # until its engine requests are aborted
+    if not task.cancelled():
+        task.exception()  # retrieved: the client gets no answer either way
+    raise ClientClosed("the client closed the connection before the response")

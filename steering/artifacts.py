@@ -3,7 +3,8 @@ each, metadata in its header.
 
 One file per artifact makes every write a single atomic step (write a temporary file, fsync,
 rename, fsync the folder): a reader or a restart sees the old artifact or the new one, never a
-mixture. Files that fail to load at start are reported and skipped.
+mixture. Files that fail to load at start are reported and skipped; temporary files left by a
+write that was killed are removed at start.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Generic, TypeVar
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from steering.diffadapt import CLASSES, DifficultyProbe
 
@@ -29,6 +30,7 @@ logger = logging.getLogger("entropy_steer.artifacts")
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SUFFIX = ".safetensors"
+TEMP_GLOB = f".*{SUFFIX}.*.tmp"  # atomic_save's temporary files
 
 
 class ArtifactError(ValueError):
@@ -78,22 +80,30 @@ def check_name(name: str) -> str:
     return name
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename or unlink in `folder` survive a power cut."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    """Serialised in memory and written through our own temporary file (safetensors'
+    `save_file` would add a temporary file of its own, which a kill would leave behind)."""
+    data = save(tensors, metadata=metadata)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(path.parent)
 
 
 def write_artifact(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -124,6 +134,9 @@ class _Store(Generic[Payload, Meta]):
         self.root = Path(root)
         self.model, self.hidden_size = model, hidden_size
         self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(TEMP_GLOB):
+            logger.warning("removing %s, left by an interrupted write", stale.name)
+            stale.unlink(missing_ok=True)
         self._items: dict[str, tuple[Payload, Meta]] = {}
         for path in sorted(self.root.glob(f"*{SUFFIX}")):
             try:
@@ -146,6 +159,7 @@ class _Store(Generic[Payload, Meta]):
     def delete(self, name: str) -> None:
         self.get(name)
         (self.root / f"{name}{SUFFIX}").unlink()
+        _fsync_dir(self.root)
         del self._items[name]
 
     def _store(self, payload: Payload, meta: Meta, tensors: dict[str, torch.Tensor]) -> Meta:

@@ -1,0 +1,233 @@
+"""A server's life on its own artifacts folder: uploads, SIGTERM with requests in flight (they
+finish; no engine process outlives the server), a restart (every artifact back, a corrupt file
+and a killed write's leftovers skipped), an HTTP reward scorer that is not there (a 502, at
+once), then its engine process killed (503s and a failing /health within seconds, not hangs).
+
+These tests are about processes and files, not the model's numerics, so the server runs eager
+(`--enforce-eager`), which halves each of the two starts on CPU."""
+
+import json
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import psutil
+import pytest
+
+from clients.local_server import steer_server
+from tests.conftest import ADMIN_KEY, API_KEY
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+KEYS = {"Authorization": f"Bearer {API_KEY}"}
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def start(folder, name: str, scorer: str):
+    return steer_server(folder / f"{name}.log", "--enforce-eager", "--reward-url", scorer,
+                        "--reward-timeout", "2", api_key=API_KEY, admin_key=ADMIN_KEY)
+
+
+def session_members(server) -> list[psutil.Process]:
+    """Every live process of the server's session (it started one: engine, workers, trackers
+    are all in it unless they escaped)."""
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == server.process.pid and process.status() != "zombie":
+                members.append(process)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return members
+
+
+def command(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return ""
+
+
+def reap(server) -> None:
+    """After a failed test: stop whatever of the server's session is left."""
+    server.stop()
+    for process in session_members(server):
+        process.kill()
+
+
+def wait_until(condition, timeout: float, step: float = 0.25) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(step)
+    return condition()
+
+
+def running(server) -> float:
+    text = httpx.get(f"{server.base_url}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:num_requests_running"))
+
+
+def completion(server, stream: bool = False, **body) -> dict:
+    """One request's outcome: status and body, or the stream's events."""
+    payload = {"model": MODEL, "prompt": "Tell me a long story about a ship.", "max_tokens": 48,
+               "ignore_eos": True, "stream": stream, **body}
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", json=payload, headers=KEYS,
+                      timeout=120) as response:
+        if not stream:
+            return {"status": response.status_code, "body": json.loads(response.read())}
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        return {"status": response.status_code, "events": events}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("lifecycle")
+
+
+@pytest.fixture(scope="module")
+def no_scorer():
+    """The reward scorer's address: a port held but never listening, so connections to it are
+    refused (and no other process can take it meanwhile)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}/score"
+
+
+@pytest.fixture(scope="module")
+def first_life(folder, no_scorer):
+    """Uploads, deletes a bundled vector, then SIGTERM (to the server process only, as
+    container runtimes do) with three requests in flight."""
+    server = start(folder, "first", no_scorer)
+    try:
+        probe = httpx.get(f"{server.base_url}/v1/steering/probes/default", headers=KEYS,
+                          params={"include_weights": True}).json()
+        uploads = {
+            "vectors": httpx.post(f"{server.base_url}/v1/steering/vectors", headers=ADMIN, json={
+                "name": "durable", "values": [i / 576 for i in range(576)], "layer": 3}).json(),
+            "probes": httpx.post(f"{server.base_url}/v1/steering/probes", headers=ADMIN, json={
+                "name": "durable-probe", "weights": probe["weights"],
+                "thresholds": probe["thresholds"]}).json(),
+        }
+        assert httpx.delete(f"{server.base_url}/v1/steering/vectors/explore",
+                            headers=ADMIN).status_code == 200
+        with ThreadPoolExecutor(3) as pool:
+            flights = [pool.submit(completion, server),
+                       pool.submit(completion, server, stream=True),
+                       pool.submit(completion, server, steering={
+                           "particles": {"n": 2, "max_steps": 2}})]
+            assert wait_until(lambda: running(server) >= 3, 30), "requests never started"
+            members = [command(p) for p in session_members(server)]
+            server.process.send_signal(signal.SIGTERM)
+            stopped = time.monotonic()
+            exit_code = server.process.wait(90)
+            stopped = time.monotonic() - stopped
+            outcomes = [flight.result() for flight in flights]
+    finally:
+        reap(server)
+    return {"server": server, "uploads": uploads, "outcomes": outcomes, "exit_code": exit_code,
+            "members": members, "stopped_s": stopped}
+
+
+def test_sigterm_lets_in_flight_requests_finish(first_life):
+    plain, streamed, particles = first_life["outcomes"]
+    assert plain["status"] == 200, plain
+    assert plain["body"]["usage"]["completion_tokens"] == 48
+    assert streamed["status"] == 200 and streamed["events"][-1] == "[DONE]"
+    chunks = [json.loads(e) for e in streamed["events"][:-1]]
+    assert all("error" not in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert particles["status"] == 200 and "particles" in particles["body"]["choices"][0][
+        "steering"]
+    # uvicorn re-raises the signal once shut down, so the exit status is SIGTERM's
+    assert first_life["exit_code"] in (0, -signal.SIGTERM) and first_life["stopped_s"] < 60
+    assert "Application shutdown complete" in first_life["server"].log_tail()
+
+
+def test_no_engine_process_outlives_the_server(first_life):
+    assert any("EngineCore" in c for c in first_life["members"])  # it ran in the session
+    server = first_life["server"]
+    assert wait_until(lambda: not session_members(server), 30), [
+        command(p) for p in session_members(server)]
+
+
+@pytest.fixture(scope="module")
+def second_life(first_life, folder, no_scorer):
+    """The same artifacts folder again, with a corrupt artifact and a killed write's temporary
+    file added while the server was down."""
+    vectors = folder / "artifacts" / "vectors"
+    (vectors / "corrupt.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken")
+    (vectors / ".durable.safetensors.abc123.tmp").write_bytes(b"half a file")
+    server = start(folder, "second", no_scorer)
+    yield server
+    reap(server)
+
+
+@pytest.mark.parametrize("kind, name, detail", [("vectors", "durable", "include_values"),
+                                                ("probes", "durable-probe", "include_weights")])
+def test_restart_restores_every_artifact(first_life, second_life, kind, name, detail):
+    url = f"{second_life.base_url}/v1/steering/{kind}"
+    listed = {r["id"] for r in httpx.get(url, headers=KEYS).json()["data"]}
+    before = first_life["uploads"][kind]
+    assert name in listed
+    again = httpx.get(f"{url}/{name}", headers=KEYS, params={detail: True}).json()
+    assert {k: again[k] for k in before} == before  # same metadata, creation time included
+    if kind == "vectors":
+        assert again["values"] == pytest.approx([i / 576 for i in range(576)])
+        assert "explore" not in listed  # a deletion is durable too
+        assert "corrupt" not in listed
+
+
+def test_restart_skips_a_corrupt_file_and_removes_leftovers(second_life, folder):
+    log = second_life.log_path.read_text()
+    assert "skipping steering vector corrupt.safetensors" in log
+    assert "removing .durable.safetensors.abc123.tmp" in log
+    assert not list((folder / "artifacts" / "vectors").glob("*.tmp"))
+    assert httpx.get(f"{second_life.base_url}/health").status_code == 200
+
+
+def test_unreachable_reward_scorer_is_a_502_at_once(second_life):
+    started = time.monotonic()
+    r = httpx.post(f"{second_life.base_url}/v1/chat/completions", headers=KEYS, timeout=60, json={
+        "messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 16,
+        "steering": {"particles": {"n": 2, "max_steps": 2, "reward": "http"}}})
+    assert r.status_code == 502, r.text
+    error = r.json()["error"]
+    assert error["type"] == "upstream_error" and "reward scorer" in error["message"]
+    assert "ConnectError" in error["message"] and time.monotonic() - started < 20
+
+
+def test_engine_death_gives_503s_not_hangs(second_life):
+    """Last in this module: the server is left without an engine."""
+    server = second_life
+    engines = [p for p in session_members(server) if "EngineCore" in command(p)]
+    assert len(engines) == 1
+    with ThreadPoolExecutor(2) as pool:
+        flights = [pool.submit(completion, server, max_tokens=400),
+                   pool.submit(completion, server, stream=True, max_tokens=400)]
+        assert wait_until(lambda: running(server) >= 2, 30)
+        engines[0].kill()
+        killed = time.monotonic()
+        plain, streamed = [flight.result(timeout=30) for flight in flights]
+    assert wait_until(lambda: httpx.get(f"{server.base_url}/health").status_code == 503, 10)
+    assert time.monotonic() - killed < 15
+    health = httpx.get(f"{server.base_url}/health").json()
+    assert health["error"]["type"] == "service_unavailable"
+    assert plain["status"] == 503 and plain["body"]["error"]["type"] == "service_unavailable"
+    error = json.loads(streamed["events"][-2])["error"]  # in-band, then [DONE]
+    assert error["code"] == 503 and streamed["events"][-1] == "[DONE]"
+    started = time.monotonic()
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", headers=KEYS, timeout=30, json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 503 and time.monotonic() - started < 5
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    metrics = httpx.get(f"{server.base_url}/metrics").text
+    assert f'steer_engine_up{{model="{MODEL}"}} 0.0' in metrics
+    # the engine's workers follow it; the API process stays up to answer 503s
+    assert wait_until(lambda: not [p for p in session_members(server) if "VLLM" in command(p)],
+                      30)
+    assert server.process.poll() is None
