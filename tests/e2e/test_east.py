@@ -159,7 +159,7 @@ def test_vector_routes_and_admin_key(server, http, admin_http, vectors):
     assert http.delete("/v1/steering/vectors/dir-a").status_code == 403
     for bad, param in [({**upload, "name": "../x"}, "name"),
                        ({**upload, "values": [0.0] * 5}, "values"),
-                       ({**upload, "values": [0.0] * 575 + ["NaN"]}, "values"),
+                       ({**upload, "values": [0.0] * 575 + ["NaN"]}, "values.575"),
                        ({**upload, "layer": 30}, "layer"),
                        ({**upload, "model": "gpt-2"}, "model")]:
         r = admin_http.post("/v1/steering/vectors", json=bad)
