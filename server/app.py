@@ -8,12 +8,15 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 
 from server.artifact_routes import router as artifact_router
+from server.deps import Admission, ServerState
 from server.diffadapt import DEFAULT_MAX_TOKENS, DifficultyRouter
 from server.engine import Engine
 from server.errors import PayloadTooLarge, error_response, install_error_handlers
 from server.metrics import SteerMetrics
+from server.openai_serving import FrontendOptions, OpenAIServing
+from server.openai_serving import install_error_handlers as install_vllm_error_handlers
 from server.particles import ParticleConfig
-from server.routes import ServerState, ops, v1
+from server.routes import ops, tokens, v1
 from steering.diffadapt import DEFAULT_STRATEGIES, Strategy
 
 MAX_BODY_BYTES = 8 << 20
@@ -53,9 +56,13 @@ class BodyLimit:
 def create_app(engine: Engine, api_key: str | None = None, admin_key: str | None = None,
                strategies: dict[str, Strategy] | None = None,
                diffadapt_max_tokens: int = DEFAULT_MAX_TOKENS,
-               particles: ParticleConfig | None = None) -> FastAPI:
+               particles: ParticleConfig | None = None,
+               frontend: FrontendOptions | None = None, strict_fields: bool = False,
+               max_queued_requests: int | None = None) -> FastAPI:
     """An app that starts `engine` on start-up and shuts it down on exit; `strategies` are
-    DiffAdapt's (default: the paper's)."""
+    DiffAdapt's (default: the paper's), `frontend` the options of vLLM's OpenAI layer;
+    `max_queued_requests` sequences may wait beyond the engine's batch (default: one more
+    batch)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -67,8 +74,14 @@ def create_app(engine: Engine, api_key: str | None = None, admin_key: str | None
         metrics.watch_engine(engine)
         router = DifficultyRouter(engine, metrics, strategies or dict(DEFAULT_STRATEGIES),
                                   diffadapt_max_tokens)
+        serving = OpenAIServing(engine.client, engine.model_name, engine.model_path,
+                                frontend or FrontendOptions())
+        queued = engine.max_num_seqs if max_queued_requests is None else max_queued_requests
+        admission = Admission(engine.max_num_seqs + queued)
+        metrics.watch_admission(engine.model_name, admission)
         app.state.steer = ServerState(engine, metrics, router, particles or ParticleConfig(),
-                                      engine.model_name, api_key, admin_key)
+                                      serving, engine.model_name, api_key, admin_key,
+                                      strict_fields, admission)
         try:
             yield
         finally:
@@ -79,8 +92,10 @@ def create_app(engine: Engine, api_key: str | None = None, admin_key: str | None
     app = FastAPI(title="entropy-steer", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible vLLM server with entropy-based steering")
     install_error_handlers(app)
+    install_vllm_error_handlers(app)
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     app.include_router(v1)
+    app.include_router(tokens)
     app.include_router(artifact_router)
     app.include_router(ops)
     return app

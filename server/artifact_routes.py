@@ -7,27 +7,18 @@ metadata only, never file-system paths.
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import asdict
 
 import torch
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 
-from server.errors import ERROR_RESPONSES, Forbidden, InvalidRequest, NotFound
+from server.deps import StateDep, require_admin_key, require_api_key
+from server.errors import ERROR_RESPONSES, InvalidRequest, NotFound
 from server.protocol import ProbeUpload, VectorUpload
-from server.routes import ServerState, bearer_token, get_state, require_api_key
 from steering.artifacts import ArtifactError, ArtifactNotFound, check_name
 
 router = APIRouter(prefix="/v1/steering", dependencies=[Depends(require_api_key)],
                    responses=ERROR_RESPONSES)
-
-
-def require_admin_key(request: Request, state: ServerState = Depends(get_state)) -> None:
-    if state.admin_key is None:
-        return
-    if not hmac.compare_digest(bearer_token(request).encode(), state.admin_key.encode()):
-        raise Forbidden("writing steering artifacts needs the admin key "
-                        "('Authorization: Bearer ADMIN_KEY')")
 
 
 def _vector_record(meta) -> dict:
@@ -42,13 +33,12 @@ def _name(name: str) -> str:
 
 
 @router.get("/vectors")
-async def list_vectors(state: ServerState = Depends(get_state)):
+async def list_vectors(state: StateDep):
     return {"object": "list", "data": [_vector_record(m) for m in state.engine.vectors.list()]}
 
 
 @router.get("/vectors/{name}")
-async def get_vector(name: str, include_values: bool = False,
-                     state: ServerState = Depends(get_state)):
+async def get_vector(name: str, state: StateDep, include_values: bool = False):
     try:
         values, meta = state.engine.vectors.get(_name(name))
     except ArtifactNotFound:
@@ -60,7 +50,7 @@ async def get_vector(name: str, include_values: bool = False,
 
 
 @router.post("/vectors", status_code=201, dependencies=[Depends(require_admin_key)])
-async def upload_vector(body: VectorUpload, state: ServerState = Depends(get_state)):
+async def upload_vector(body: VectorUpload, state: StateDep):
     try:
         meta = state.engine.vectors.put(
             _name(body.name), body.values, body.layer, method=body.method, source=body.source,
@@ -71,7 +61,7 @@ async def upload_vector(body: VectorUpload, state: ServerState = Depends(get_sta
 
 
 @router.delete("/vectors/{name}", dependencies=[Depends(require_admin_key)])
-async def delete_vector(name: str, state: ServerState = Depends(get_state)):
+async def delete_vector(name: str, state: StateDep):
     try:
         state.engine.vectors.delete(_name(name))
     except ArtifactNotFound:
@@ -88,13 +78,12 @@ def _probe_not_found(name: str) -> NotFound:
 
 
 @router.get("/probes")
-async def list_probes(state: ServerState = Depends(get_state)):
+async def list_probes(state: StateDep):
     return {"object": "list", "data": [_probe_record(m) for m in state.engine.probes.list()]}
 
 
 @router.get("/probes/{name}")
-async def get_probe(name: str, include_weights: bool = False,
-                    state: ServerState = Depends(get_state)):
+async def get_probe(name: str, state: StateDep, include_weights: bool = False):
     try:
         probe, meta = state.engine.probes.get(_name(name))
     except ArtifactNotFound:
@@ -106,7 +95,7 @@ async def get_probe(name: str, include_weights: bool = False,
 
 
 @router.post("/probes", status_code=201, dependencies=[Depends(require_admin_key)])
-async def upload_probe(body: ProbeUpload, state: ServerState = Depends(get_state)):
+async def upload_probe(body: ProbeUpload, state: StateDep):
     try:
         tensors = {k: torch.tensor(v, dtype=torch.float32) for k, v in body.weights.items()}
     except (ValueError, TypeError) as exc:  # ragged nested lists
@@ -122,7 +111,7 @@ async def upload_probe(body: ProbeUpload, state: ServerState = Depends(get_state
 
 
 @router.delete("/probes/{name}", dependencies=[Depends(require_admin_key)])
-async def delete_probe(name: str, state: ServerState = Depends(get_state)):
+async def delete_probe(name: str, state: StateDep):
     try:
         state.engine.probes.delete(_name(name))
     except ArtifactNotFound:

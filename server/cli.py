@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -91,6 +92,35 @@ def serve_parser():
                         f"(at most {MAX_VREASON_STEPS})")
     parser.add_argument("--disable-uvicorn-access-log", action="store_true",
                         help="no per-request access log lines")
+    parser.add_argument("--max-queued-requests", type=int, default=None,
+                        help="engine sequences that may wait beyond the running batch; past "
+                        "them a generation request is a 429 with Retry-After (default: "
+                        "--max-num-seqs, one more batch)")
+    parser.add_argument("--strict-fields", action="store_true",
+                        help="answer unknown top-level request fields with a 400 (default: "
+                        "ignore them, as vllm serve does, and name them in the "
+                        "X-Steer-Ignored-Fields response header)")
+    openai = parser.add_argument_group("OpenAI layer (as in vllm serve)")
+    openai.add_argument("--chat-template", default=None,
+                        help="a Jinja chat template (file or inline) instead of the model's "
+                        "(the bundled model's default adds tools in the Hermes format)")
+    openai.add_argument("--chat-template-content-format", default="auto",
+                        choices=["auto", "string", "openai"])
+    openai.add_argument("--default-chat-template-kwargs", type=json.loads, default=None,
+                        help='JSON, e.g. \'{"enable_thinking": false}\'')
+    openai.add_argument("--response-role", default="assistant")
+    openai.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
+                        help="let the model decide to call tools (tool_choice 'auto'); needs "
+                        "--tool-call-parser (on for the bundled model, with 'hermes')")
+    openai.add_argument("--tool-call-parser", default=None,
+                        help="vLLM's tool-call parser for the model's format (hermes, "
+                        "llama3_json, mistral, ...)")
+    openai.add_argument("--tool-strict-level", choices=["auto", "function", "parameter"],
+                        default=None, help="how strictly a grammar holds tool calls: 'auto' "
+                        "(vLLM's default) enforces argument schemas only for tools marked "
+                        "strict; 'parameter' for every tool (the bundled model's default)")
+    openai.add_argument("--return-tokens-as-token-ids", action="store_true")
+    openai.add_argument("--enable-prompt-tokens-details", action="store_true")
     AsyncEngineArgs.add_cli_args(parser)
     parser.set_defaults(model=os.environ.get("STEER_MODEL"), dtype=None)
     return parser
@@ -139,6 +169,33 @@ def reward_engine_args(path: Path, generator):
     return args
 
 
+def frontend_options(args: argparse.Namespace, bundled: bool):
+    """The OpenAI layer's options; the bundled model gets a chat template with tools and the
+    parser that reads its tool calls, unless the command line says otherwise."""
+    from server.default_model import BUNDLED_CHAT_TEMPLATE
+    from server.openai_serving import FrontendOptions
+
+    auto_tools = args.enable_auto_tool_choice
+    parser = args.tool_call_parser
+    template = args.chat_template
+    strict = args.tool_strict_level
+    if bundled:  # a 135M model needs the grammar to keep its tool arguments to the schema
+        template = template or str(BUNDLED_CHAT_TEMPLATE)
+        strict = strict or "parameter"
+        if auto_tools is None and parser is None:
+            auto_tools, parser = True, "hermes"
+    if auto_tools and not parser:
+        raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser")
+    return FrontendOptions(
+        chat_template=template,
+        chat_template_content_format=args.chat_template_content_format,
+        response_role=args.response_role, enable_auto_tool_choice=bool(auto_tools),
+        tool_call_parser=parser, tool_strict_level=strict or "auto",
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        default_chat_template_kwargs=args.default_chat_template_kwargs)
+
+
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -153,6 +210,7 @@ def serve(args: argparse.Namespace) -> None:
     names = engine_args.served_model_name
     model_name = (names[0] if isinstance(names, list) else names) or Path(args.model).name
     artifacts = args.artifacts_dir or cache_dir() / "artifacts" / model_name.replace("/", "--")
+    frontend = frontend_options(args, bundled)
     engine = Engine(engine_args, model_name, Path(artifacts), vector_slots=args.vector_slots,
                     bundled_model=bundled, vreason_max_steps=args.vreason_max_steps)
     app = create_app(engine, api_key=args.api_key, admin_key=args.admin_key,
@@ -163,7 +221,9 @@ def serve(args: argparse.Namespace) -> None:
                          if args.prm else None,
                          scorer=HttpScorer(args.reward_url, args.reward_timeout,
                                            args.reward_retries) if args.reward_url else None,
-                         max_total_tokens=args.particles_max_tokens))
+                         max_total_tokens=args.particles_max_tokens),
+                     frontend=frontend, strict_fields=args.strict_fields,
+                     max_queued_requests=args.max_queued_requests)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
                 access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=30)
 

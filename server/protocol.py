@@ -1,8 +1,9 @@
-"""OpenAI request models with this project's extensions (`typical_p`, `steering`).
+"""This project's request extensions (the `steering` object) and artifact uploads.
 
-Every model forbids unknown fields, so a misspelt option is a 400 naming it rather than a
-silently ignored setting, and is strict about JSON types (`true` is not 1, `"5"` is not 5, `2.0`
-is not an integer; integers are fine for numbers).
+No vLLM import here, so the Python client can use these models. The generation requests built
+on vLLM's are in `server.requests`. Every model forbids unknown fields, so a misspelt option is
+a 400 naming it rather than a silently ignored setting, and is strict about JSON types (`true`
+is not 1, `"5"` is not 5, `2.0` is not an integer; integers are fine for numbers).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_N = 16
 MAX_STOP_SEQUENCES = 8
-MAX_LOGPROBS = 20
 MAX_PROMPTS = 16
 MAX_VECTORS_PER_REQUEST = 4
 MAX_EAST_SCALE = 1000.0
@@ -21,8 +21,6 @@ MAX_VECTOR_VALUES = 65536
 MAX_PARTICLES = 64
 MAX_PARTICLE_STEPS = 256
 MAX_VREASON_STEPS = 64  # the schema's ceiling; `steer serve --vreason-max-steps` sets the limit
-MAX_TOP_K = 2**31 - 1  # vLLM's engine messages carry these as fixed-width integers
-MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
 
 
 class StrictModel(BaseModel):
@@ -126,130 +124,6 @@ class SteeringOptions(StrictModel):
     ] | None = Field(default=None, description="hidden states at the last prompt token: a "
                      "decoder layer's residual stream (HF's hidden_states[layer + 1] below the "
                      "last layer), or 'final': after the final norm (HF's last_hidden_state)")
-
-
-StopText = Annotated[str, Field(min_length=1)]
-
-
-class StreamOptions(StrictModel):
-    include_usage: bool = False
-
-
-class GenerationRequest(StrictModel):
-    """Fields shared by both generation routes."""
-
-    model: str | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] | None = None
-    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0, le=2)] = 1.0
-    seed: Annotated[int, Field(ge=MIN_SEED, le=MAX_SEED)] | None = None
-    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
-    user: str | None = None
-    typical_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    steering: SteeringOptions | None = None
-    ignore_eos: bool = Field(
-        default=False, description="keep generating past end-of-sequence (for benchmarks)"
-    )
-    return_token_ids: bool = Field(
-        default=False, description="add prompt_token_ids and token_ids to each choice"
-    )
-
-    @model_validator(mode="after")
-    def _one_typical(self):
-        if self.typical_p is not None and self.steering and self.steering.typical is not None:
-            raise ValueError("set typical_p or steering.typical, not both")
-        return self
-
-    @property
-    def typical_mass(self) -> float | None:
-        if self.typical_p is not None:
-            return self.typical_p
-        if self.steering and self.steering.typical:
-            return self.steering.typical.p
-        return None
-
-    @property
-    def east_options(self) -> list[EastOptions]:
-        east = self.steering.east if self.steering else None
-        if east is None:
-            return []
-        return east if isinstance(east, list) else [east]
-
-    @property
-    def return_entropy(self) -> bool:
-        return bool(self.steering and self.steering.return_entropy)
-
-    @property
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-
-PromptText = Annotated[str, Field(min_length=1)]
-PromptTokens = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-
-
-class CompletionRequest(GenerationRequest):
-    prompt: (
-        PromptText
-        | PromptTokens
-        | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
-        | Annotated[list[PromptTokens], Field(min_length=1, max_length=MAX_PROMPTS)]
-    )
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    echo: Literal[False] = False
-
-    def prompts(self) -> list[str | list[int]]:
-        """The prompt(s) as a list: one entry per prompt, text or token ids."""
-        p = self.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
-            return [p]
-        return list(p)
-
-
-class TextPart(StrictModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(StrictModel):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
-    name: str | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-
-class ChatCompletionRequest(GenerationRequest):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
-        if not any(m.text() for m in self.messages):
-            raise ValueError("messages are all empty")
-        return self
-
-    @property
-    def token_limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
 
 
 class VectorUpload(StrictModel):

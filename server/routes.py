@@ -1,94 +1,134 @@
-"""OpenAI-compatible routes: models, completions, chat completions, health, metrics."""
+"""OpenAI-compatible routes: models, completions, chat completions, tokenization, health,
+version, metrics.
+
+Both generation routes take one path (`generate`), told apart by a `Dialect`: vLLM's serving
+layer answers the request (`server.openai_serving`), steered through a session of the engine
+client, and the answer gains its steering reports. The particle filter, which orchestrates many
+engine requests itself, answers in the same dialects.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import asdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from vllm.entrypoints.serve.tokenize.protocol import DetokenizeResponse, TokenizeResponse
 
-from server.diffadapt import DifficultyRouter, reject_conflicts
-from server.engine import Engine, TokenLogprob
+from server.deps import Hold, HoldDep, ServerState, StateDep, require_api_key
+from server.diffadapt import Decision, reject_conflicts
+from server.engine import PromptOverride, SteeringSession
 from server.errors import (
     ERROR_RESPONSES,
     ClientClosed,
+    EngineBusy,
     EngineUnavailable,
     InvalidRequest,
     NotFound,
-    Unauthorized,
+    in_band_error,
 )
 from server.generation import (
-    ChoiceResult,
-    Generation,
+    ChatCompletionResponse,
+    CompletionResponse,
     Plan,
     sampling_options,
     steering_report,
 )
-from server.metrics import SteerMetrics
-from server.particles import ParticleConfig, ParticleResult, ParticleRun
+from server.methods import Outcome
+from server.openai_serving import (
+    OpenAIServing,
+    annotate_response,
+    annotate_stream,
+    raise_error,
+    tidy_choice,
+)
+from server.particles import ParticleResult, ParticleRun
 from server.particles import reject_conflicts as reject_particle_conflicts
-from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from server.requests import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerationRequest,
+    TokenizeRequest,
+)
 
+logger = logging.getLogger("entropy_steer.routes")
 
-class ServerState:
-    """What the routes need, stored on `app.state.steer`."""
-
-    def __init__(self, engine: Engine, metrics: SteerMetrics, router: DifficultyRouter,
-                 particles: ParticleConfig, model_name: str, api_key: str | None,
-                 admin_key: str | None = None) -> None:
-        self.engine, self.metrics, self.model_name = engine, metrics, model_name
-        self.router, self.particles = router, particles
-        self.api_key, self.admin_key = api_key, admin_key
-        self.created = int(time.time())
-
-
-def get_state(request: Request) -> ServerState:
-    return request.app.state.steer
-
-
-def bearer_token(request: Request) -> str:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
-
-
-def require_api_key(request: Request, state: ServerState = Depends(get_state)) -> None:
-    """Bearer token check for /v1/*, in constant time; the admin key is accepted too."""
-    if state.api_key is None:
-        return
-    token = bearer_token(request).encode()
-    valid = hmac.compare_digest(token, state.api_key.encode())
-    if state.admin_key is not None:
-        valid |= hmac.compare_digest(token, state.admin_key.encode())
-    if not valid:
-        raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer KEY')")
-
+IGNORED_FIELDS_HEADER = "X-Steer-Ignored-Fields"
 
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+tokens = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 ops = APIRouter(responses=ERROR_RESPONSES)
 
 
+@dataclass(frozen=True)
+class Dialect:
+    """What tells the two generation routes apart."""
+
+    object: str  # the answer's `object`; a stream chunk's is `chunk_object`
+    chunk_object: str
+    id_prefix: str
+    create: Callable[[OpenAIServing, GenerationRequest, Request], Awaitable]
+    prompt_ids: Callable[[OpenAIServing, GenerationRequest], Awaitable[list[list[int]]]]
+    text_field: str  # where a choice's text goes: "message" (chat) or "text"
+
+    def choice_text(self, text: str, stream: bool) -> dict:
+        if self.text_field == "text":
+            return {"text": text}
+        message = {"role": "assistant", "content": text}
+        return {"delta": message} if stream else {"message": {**message, "refusal": None}}
+
+
+async def _chat_prompt_ids(serving: OpenAIServing, body) -> list[list[int]]:
+    return [await serving.chat_prompt_ids(body)]
+
+
+CHAT = Dialect("chat.completion", "chat.completion.chunk", "chatcmpl",
+               lambda serving, body, raw: serving.chat.create_chat_completion(body, raw),
+               _chat_prompt_ids, "message")
+COMPLETION = Dialect("text_completion", "text_completion", "cmpl",
+                     lambda serving, body, raw: serving.completion.create_completion(body, raw),
+                     lambda serving, body: serving.completion_prompt_ids(body), "text")
+
+
 @ops.get("/health")
-async def health(state: ServerState = Depends(get_state)):
+async def health(state: StateDep):
     if not state.engine.healthy:
         raise EngineUnavailable("the engine is not running")
     return {"status": "ok"}
 
 
+@ops.api_route("/ping", methods=["GET", "POST"])
+async def ping(state: StateDep):
+    """`vllm serve`'s liveness route: the same answer as /health."""
+    return await health(state)
+
+
+@ops.get("/version")
+async def version():
+    from importlib.metadata import version as installed
+
+    import vllm
+
+    return {"version": vllm.__version__, "entropy_steer": installed("entropy-steer")}
+
+
 @ops.get("/metrics", response_class=PlainTextResponse)
-async def metrics(state: ServerState = Depends(get_state)):
+async def metrics(state: StateDep):
     return Response(generate_latest(state.engine.prometheus_registry()),
                     media_type=CONTENT_TYPE_LATEST)
 
 
 @v1.get("/models")
-async def list_models(state: ServerState = Depends(get_state)):
+async def list_models(state: StateDep):
     return {"object": "list", "data": [{
         "id": state.model_name, "object": "model", "created": state.created,
         "owned_by": "entropy-steer", "max_model_len": state.engine.max_model_len,
@@ -96,162 +136,206 @@ async def list_models(state: ServerState = Depends(get_state)):
     }]}
 
 
-def _check_model(state: ServerState, request: GenerationRequest) -> None:
-    if request.model is not None and request.model != state.model_name:
-        raise NotFound(f"model '{request.model}' is not served here; this server serves "
+@tokens.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, request: Request, state: StateDep):
+    result = await state.serving.tokenization.create_tokenize(body, request)
+    raise_error(result)
+    return result
+
+
+@tokens.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, request: Request, state: StateDep):
+    result = await state.serving.tokenization.create_detokenize(body, request)
+    raise_error(result)
+    return result
+
+
+def _streamable(model) -> dict:
+    return {200: {"model": model, "description": "a JSON body, or server-sent events with "
+                  "`stream: true`; every choice carries a `steering` report",
+                  "content": {"text/event-stream": {}}}}
+
+
+@v1.post("/completions", responses=_streamable(CompletionResponse))
+async def completions(body: CompletionRequest, request: Request, state: StateDep,
+                      hold: HoldDep):
+    return await generate(COMPLETION, body, request, state, hold)
+
+
+@v1.post("/chat/completions", responses=_streamable(ChatCompletionResponse))
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep,
+                           hold: HoldDep):
+    return await generate(CHAT, body, request, state, hold)
+
+
+async def generate(dialect: Dialect, body: GenerationRequest, request: Request,
+                   state: ServerState, hold: Hold) -> Response:
+    """One generation request, whatever the dialect."""
+    if body.model is not None and body.model != state.model_name:
+        raise NotFound(f"model '{body.model}' is not served here; this server serves "
                        f"'{state.model_name}'", param="model", code="model_not_found")
-
-
-STREAMABLE = {200: {"content": {"text/event-stream": {}}, "description": "a JSON body, or "
-                   "server-sent events with `stream: true`"}}
-
-
-@v1.post("/completions", responses=STREAMABLE)
-async def completions(body: CompletionRequest, request: Request,
-                      state: ServerState = Depends(get_state)):
-    _check_model(state, body)
+    ignored = body.ignored_fields
+    if ignored and state.strict_fields:
+        raise InvalidRequest(f"unknown field '{ignored[0]}' (this server runs with "
+                             "--strict-fields)", ignored[0])
+    if ignored:
+        logger.info("ignored unknown request fields: %s", ", ".join(map(repr, ignored)))
+    prompts = body.prompts() if isinstance(body, CompletionRequest) else [None]
+    for prompt in prompts:
+        if isinstance(prompt, list):
+            state.engine.check_token_ids(prompt)
     plan = Plan.of(body)
-    engine = state.engine
-    if plan.particles:
-        prompts = body.prompts()
-        if len(prompts) != 1:
-            raise InvalidRequest("steering.particles takes one prompt", "prompt")
-        prompt = prompts[0] if isinstance(prompts[0], list) else engine.encode(prompts[0])
-        return await _particles(state, body, plan, prompt, body.max_tokens, request,
-                                "text_completion")
-    if plan.diffadapt:
-        reject_conflicts(body)
-        if not all(isinstance(p, str) for p in body.prompts()):
+    particles = plan.get("particles")
+    try:
+        hold.take(particles.n if particles else len(prompts) * (body.n or 1))
+    except EngineBusy as exc:
+        state.metrics.count_error(state.model_name, plan.label, exc)
+        raise
+    if particles:
+        response = await _particles(dialect, state, body, plan, request)
+    else:
+        response = await _steered(dialect, state, body, plan, request)
+    if ignored:  # percent-encoded: a field name may hold any character, a header may not
+        response.headers[IGNORED_FIELDS_HEADER] = ",".join(quote(f, safe="") for f in ignored)
+    return response
+
+
+async def _steered(dialect: Dialect, state: ServerState, body: GenerationRequest, plan: Plan,
+                   request: Request) -> Response:
+    """vLLM's serving layer answers; the session steers every engine request it makes."""
+    engine, metrics = state.engine, state.metrics
+    steering = engine.check_steering(plan.engine_steering())
+    session = engine.client.open_session(steering, bool(body.stream) and plan.return_entropy)
+    body.bind(session.id)
+    decisions: list[Decision] = []
+    if plan.get("diffadapt"):
+        body, decisions = await _diffadapt(dialect, state, body, plan, session)
+    labels = (state.model_name, plan.label)
+    n = body.n or 1
+
+    def report(session: SteeringSession, index: int) -> dict:
+        record = session.record(index)
+        entropy, varentropy = record.window(0)
+        outcome = Outcome(record.steering, decisions[index // n] if decisions else None,
+                          record.hidden_states, record.vreason)
+        return steering_report(plan, outcome, entropy, varentropy)
+
+    def finished(index: int) -> None:
+        record = session.record(index)
+        entropy, varentropy = record.window(0)
+        metrics.observe_tokens(*labels, entropy, varentropy)
+        if plan.get("east"):
+            metrics.steered_tokens.labels(*labels).inc(record.produced)
+
+    def request_done() -> None:
+        firsts = [r.first_token_at for r in session.choices.values() if r.first_token_at]
+        if firsts:
+            metrics.ttft.labels(*labels).observe(max(0.0, min(firsts) - session.arrival))
+        metrics.e2e.labels(*labels).observe(time.time() - session.arrival)
+
+    metrics.requests.labels(*labels).inc()
+    try:
+        result = await _cancel_on_disconnect(request, dialect.create(state.serving, body,
+                                                                     request))
+        raise_error(result)
+    except BaseException as exc:
+        metrics.count_error(*labels, exc)
+        raise
+    if hasattr(result, "model_dump"):
+        data = annotate_response(result.model_dump(), session, report)
+        for index in sorted(session.choices):
+            finished(index)
+        request_done()
+        return JSONResponse(data)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for event in annotate_stream(result, session, report, plan.return_entropy,
+                                               finished):
+                yield event
+            request_done()
+        except BaseException as exc:
+            metrics.count_error(*labels, exc)
+            raise
+    return _event_stream(events())
+
+
+async def _diffadapt(dialect: Dialect, state: ServerState, body: GenerationRequest,
+                     plan: Plan, session: SteeringSession):
+    """Probe each question, then the request as the strategies rewrite it (their prompts), with
+    each prompt's temperature and budget set in the session."""
+    reject_conflicts(body)
+    limit = body.token_limit if "max_tokens" in body.model_fields_set \
+        or "max_completion_tokens" in body.model_fields_set else None
+    if dialect is CHAT:
+        messages = list(body.messages)
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"),
+                        default=None)
+        if last_user is None or not isinstance(messages[last_user].get("content"), str):
+            raise InvalidRequest("steering.diffadapt needs a user message with text content "
+                                 "(the question)", "messages")
+
+        def asking(question: str):
+            changed = [*messages]
+            changed[last_user] = {**messages[last_user], "content": question}
+            return body.model_copy(update={"messages": changed})
+
+        async def render(question: str) -> list[int]:
+            return (await CHAT.prompt_ids(state.serving, asking(question)))[0]
+
+        questions = [messages[last_user]["content"]]
+    else:
+        questions = body.prompts()
+        if not all(isinstance(q, str) for q in questions):
             raise InvalidRequest("steering.diffadapt wraps the question in a strategy prompt: "
                                  "send the prompt as text", "prompt")
-        limit = body.max_tokens if "max_tokens" in body.model_fields_set else None
-        routed = await state.router.route(plan.diffadapt, body.prompts(), engine.encode, limit)
-    else:
-        routed = [(p if isinstance(p, list) else engine.encode(p), None) for p in body.prompts()]
-    jobs, decisions = _fan_out(body, plan, routed, body.max_tokens, body.logprobs)
-    generation = Generation(engine, state.metrics, state.model_name, plan, jobs,
-                            stream_entropy=body.stream and plan.return_entropy,
-                            decisions=decisions)
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def envelope(choices: list[dict]) -> dict:
-        return {"id": rid, "object": "text_completion", "created": created,
-                "model": state.model_name, "choices": choices}
+        async def render(question: str) -> list[int]:
+            return state.engine.encode(question)
 
-    if body.stream:
-        async def chunks() -> AsyncIterator[dict]:
-            async for index, delta in generation.deltas():
-                choice = {"index": index, "text": delta.text,
-                          "logprobs": _completion_logprobs(delta.logprobs, 0),
-                          "finish_reason": delta.finish_reason}
-                _annotate_chunk(choice, body, generation, index, delta)
-                yield envelope([choice])
-            if body.stream_options and body.stream_options.include_usage:
-                yield {**envelope([]), "usage": generation.usage()}
-        return _sse(chunks())
-
-    results = await _cancel_on_disconnect(request, generation.run_to_end())
-    return {**envelope([{
-        "index": r.index, "text": r.text,
-        "logprobs": _completion_logprobs(r.logprobs, 0) if body.logprobs is not None else None,
-        "finish_reason": r.finish_reason, "steering": generation.report(r.index),
-        **_token_ids(body, generation, r),
-    } for r in results]), "usage": generation.usage()}
+    decisions = await state.router.route(plan.get("diffadapt"), questions, render, limit)
+    wrapped = [d.wrap(q) for d, q in zip(decisions, questions)]
+    body = asking(wrapped[0]) if dialect is CHAT else body.model_copy(update={"prompt": wrapped})
+    body.bind(session.id)
+    for ordinal, decision in enumerate(decisions):
+        session.overrides[ordinal] = PromptOverride(
+            temperature=decision.strategy.temperature, max_tokens=decision.max_tokens)
+    return body, decisions
 
 
-@v1.post("/chat/completions", responses=STREAMABLE)
-async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           state: ServerState = Depends(get_state)):
-    _check_model(state, body)
-    plan = Plan.of(body)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    if plan.particles:
-        return await _particles(state, body, plan, state.engine.encode_chat(messages),
-                                body.token_limit, request, "chat.completion")
-    if plan.diffadapt:
-        reject_conflicts(body)
-        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-        if last_user is None:
-            raise InvalidRequest("steering.diffadapt needs a user message (the question)",
-                                 "messages")
-
-        def render(question: str) -> list[int]:
-            wrapped = [*messages]
-            wrapped[last_user] = {**messages[last_user], "content": question}
-            return state.engine.encode_chat(wrapped)
-
-        routed = await state.router.route(plan.diffadapt, [messages[last_user]["content"]],
-                                          render, body.token_limit)
-    else:
-        routed = [(state.engine.encode_chat(messages), None)]
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    jobs, decisions = _fan_out(body, plan, routed, body.token_limit, logprobs)
-    generation = Generation(state.engine, state.metrics, state.model_name, plan, jobs,
-                            stream_entropy=body.stream and plan.return_entropy,
-                            decisions=decisions)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-    def envelope(obj: str, choices: list[dict]) -> dict:
-        return {"id": rid, "object": obj, "created": created, "model": state.model_name,
-                "choices": choices}
-
-    if body.stream:
-        async def chunks() -> AsyncIterator[dict]:
-            for j in range(body.n):
-                yield envelope("chat.completion.chunk", [{
-                    "index": j, "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None, "finish_reason": None}])
-            async for index, delta in generation.deltas():
-                choice = {"index": index, "delta": {"content": delta.text},
-                          "logprobs": _chat_logprobs(delta.logprobs) if body.logprobs else None,
-                          "finish_reason": delta.finish_reason}
-                _annotate_chunk(choice, body, generation, index, delta)
-                yield envelope("chat.completion.chunk", [choice])
-            if body.stream_options and body.stream_options.include_usage:
-                yield {**envelope("chat.completion.chunk", []), "usage": generation.usage()}
-        return _sse(chunks())
-
-    results = await _cancel_on_disconnect(request, generation.run_to_end())
-    return {**envelope("chat.completion", [{
-        "index": r.index, "message": {"role": "assistant", "content": r.text},
-        "logprobs": _chat_logprobs(r.logprobs) if body.logprobs else None,
-        "finish_reason": r.finish_reason, "steering": generation.report(r.index),
-        **_token_ids(body, generation, r),
-    } for r in results]), "usage": generation.usage()}
-
-
-async def _particles(state: ServerState, body: GenerationRequest, plan: Plan,
-                     prompt: list[int], max_tokens: int | None, request: Request, obj: str):
+async def _particles(dialect: Dialect, state: ServerState, body: GenerationRequest,
+                     plan: Plan, request: Request) -> Response:
     """A particle-filter request: the selected particle as the one choice; streamed as one
     progress chunk per iteration, then the answer."""
     reject_particle_conflicts(body, plan)
+    prompts = await dialect.prompt_ids(state.serving, body)
+    if len(prompts) != 1:
+        raise InvalidRequest("steering.particles takes one prompt", "prompt")
+    prompt = prompts[0]
     label = (state.model_name, plan.label)
-    run = ParticleRun(state.engine, state.metrics, state.particles, plan.particles, prompt,
-                      sampling_options(body, plan, max_tokens, None, 0), label)
+    options = plan.get("particles")
+    run = ParticleRun(state.engine, state.metrics, state.particles, options, prompt,
+                      sampling_options(body, plan, body.token_limit), label)
     metrics, arrival = state.metrics, time.monotonic()
     metrics.requests.labels(*label).inc()
-    rid, created = f"{'chatcmpl' if obj == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}", \
-        int(time.time())
-    chat = obj == "chat.completion"
+    rid, created = f"{dialect.id_prefix}-{uuid.uuid4().hex}", int(time.time())
 
     def envelope(choices: list[dict], stream: bool) -> dict:
-        return {"id": rid, "object": f"{obj}.chunk" if stream and chat else obj,
+        return {"id": rid, "object": dialect.chunk_object if stream else dialect.object,
                 "created": created, "model": state.model_name, "choices": choices}
 
     def finished(result: ParticleResult) -> dict:
         """The choice's fields beside its text; records the request's metrics."""
         chosen = result.chosen
-        outcome = ChoiceResult(
-            index=0, text=chosen.text, token_ids=chosen.token_ids,
-            entropy=[h for s in chosen.steps for h in s.entropy],
-            varentropy=[v for s in chosen.steps for v in s.varentropy])
-        metrics.observe_tokens(*label, outcome.entropy, outcome.varentropy)
+        entropy = [h for s in chosen.steps for h in s.entropy]
+        varentropy = [v for s in chosen.steps for v in s.varentropy]
+        metrics.observe_tokens(*label, entropy, varentropy)
         metrics.e2e.labels(*label).observe(time.monotonic() - arrival)
-        report = steering_report(plan, outcome, run.sampling, None)
-        report["particles"] = result.report(plan.particles)
-        reason = "length" if len(outcome.token_ids) >= run.sampling.max_tokens else "stop"
+        report = steering_report(plan, Outcome(run.sampling), entropy, varentropy)
+        report["particles"] = result.report(options)
+        reason = "length" if len(chosen.token_ids) >= run.sampling.max_tokens else "stop"
         return {"index": 0, "logprobs": None, "finish_reason": reason, "steering": report,
-                **({"token_ids": outcome.token_ids} if body.return_token_ids else {})}
+                **({"token_ids": chosen.token_ids} if body.return_token_ids else {})}
 
     def usage(result: ParticleResult) -> dict:
         return {"prompt_tokens": len(prompt), "completion_tokens": result.generated_tokens,
@@ -265,107 +349,43 @@ async def _particles(state: ServerState, body: GenerationRequest, plan: Plan,
             raise
 
     if body.stream:
-        async def chunks() -> AsyncIterator[dict]:
+        async def chunks() -> AsyncIterator[str]:
             progress: asyncio.Queue = asyncio.Queue()
             task = asyncio.create_task(counted(run.run(on_step=progress.put)))
             task.add_done_callback(lambda _: progress.put_nowait(None))
             try:
                 while (step := await progress.get()) is not None:
-                    yield {**envelope([], True),
-                           "steering": {"particles": {"progress": asdict(step)}}}
+                    yield _event({**envelope([], True),
+                                  "steering": {"particles": {"progress": asdict(step)}}})
                 result = await task
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the status line is gone: report in-band
+                yield _event(in_band_error(exc))
+                yield "data: [DONE]\n\n"
+                return
             finally:
                 task.cancel()
-            choice = finished(result)
-            text = result.chosen.text
-            choice.update({"delta": {"role": "assistant", "content": text}} if chat
-                          else {"text": text})
-            yield envelope([choice], True)
+            choice = {**dialect.choice_text(result.chosen.text, True), **finished(result)}
+            yield _event(envelope([choice], True))
             if body.stream_options and body.stream_options.include_usage:
-                yield {**envelope([], True), "usage": usage(result)}
-        return _sse(chunks())
+                yield _event({**envelope([], True), "usage": usage(result)})
+            yield "data: [DONE]\n\n"
+        return _event_stream(chunks())
 
     result = await _cancel_on_disconnect(request, counted(run.run()))
-    choice = finished(result)
-    text = result.chosen.text
-    choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+    choice = tidy_choice({**dialect.choice_text(result.chosen.text, False), **finished(result)})
     if body.return_token_ids:
         choice["prompt_token_ids"] = prompt
-    return {**envelope([choice], False), "usage": usage(result)}
+    return JSONResponse({**envelope([choice], False), "usage": usage(result)})
 
 
-def _fan_out(body: GenerationRequest, plan: Plan, routed: list, max_tokens: int | None,
-             logprobs: int | None) -> tuple[list, list]:
-    """Jobs (prompt ids, options) for prompts × n, and each job's DiffAdapt decision."""
-    jobs, decisions = [], []
-    for prompt, decision in routed:
-        for j in range(body.n):
-            jobs.append((prompt, sampling_options(body, plan, max_tokens, logprobs, j, decision)))
-            decisions.append(decision)
-    return jobs, decisions
+def _event(chunk: dict) -> str:
+    return f"data: {json.dumps(chunk)}\n\n"
 
 
-def _token_ids(body: GenerationRequest, generation: Generation, result: ChoiceResult) -> dict:
-    if not body.return_token_ids:
-        return {}
-    return {"prompt_token_ids": generation.jobs[result.index][0], "token_ids": result.token_ids}
-
-
-def _annotate_chunk(choice: dict, body: GenerationRequest, generation: Generation, index: int,
-                    delta) -> None:
-    """Our extensions on a stream chunk: token ids and per-token entropy when asked, and the
-    full steering report on a choice's last chunk."""
-    if body.return_token_ids:
-        choice["token_ids"] = delta.token_ids
-    plan = generation.plan
-    if delta.finish_reason is not None:
-        choice["steering"] = generation.report(index)
-        if plan.return_entropy:  # the chunk's own tokens, like every other chunk
-            choice["steering"]["chunk_entropy"] = delta.entropy
-            choice["steering"]["chunk_varentropy"] = delta.varentropy
-    elif plan.return_entropy:
-        choice["steering"] = {"chunk_entropy": delta.entropy,
-                              "chunk_varentropy": delta.varentropy}
-
-
-def _completion_logprobs(logprobs: list[TokenLogprob] | None, offset: int) -> dict | None:
-    if not logprobs:
-        return None
-    offsets, position = [], offset
-    for lp in logprobs:
-        offsets.append(position)
-        position += len(lp.token)
-    return {
-        "tokens": [lp.token for lp in logprobs],
-        "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [dict(lp.top) for lp in logprobs],
-        "text_offset": offsets,
-    }
-
-
-def _chat_logprobs(logprobs: list[TokenLogprob] | None) -> dict:
-    return {"content": [{
-        "token": lp.token, "logprob": lp.logprob, "bytes": list(lp.token.encode()),
-        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in lp.top],
-    } for lp in logprobs or []]}
-
-
-def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
-    """Server-sent events; an error after the stream started is sent as an error event."""
-    async def body():
-        try:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the status line is gone: report in-band, as OpenAI does
-            status = getattr(exc, "status", 500)
-            message = getattr(exc, "message", "internal error")
-            yield "data: " + json.dumps({"error": {
-                "message": message, "type": getattr(exc, "type", "server_error"),
-                "param": getattr(exc, "param", None), "code": status}}) + "\n\n"
-        yield "data: [DONE]\n\n"
-    return StreamingResponse(body(), media_type="text/event-stream",
+def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -51,10 +52,20 @@ def server(tmp_path_factory, reward_scorer, prm_path) -> LocalServer:
 
 class _Scorer(BaseHTTPRequestHandler):
     """The HTTP reward contract: scores a trajectory by its share of digits; `mode` switches
-    to slow (sleeps past the server's timeout) or broken (500) answers."""
+    to flat (0.5 for all), spread (a hash of the text: far apart), mild (0.4 to 0.6), slow
+    (sleeps past the server's timeout) or broken (500) answers."""
 
     mode = "ok"
     calls = 0
+
+    @classmethod
+    def score(cls, text: str) -> float:
+        if cls.mode == "flat":
+            return 0.5
+        if cls.mode in ("spread", "mild"):  # far apart, or all near 0.5
+            share = (zlib.crc32(text.encode()) % 1000 + 0.5) / 1000
+            return share if cls.mode == "spread" else 0.4 + 0.2 * share
+        return sum(c.isdigit() for c in text) / max(1, len(text))
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
@@ -65,7 +76,7 @@ class _Scorer(BaseHTTPRequestHandler):
             self.send_response(500)
             self.end_headers()
             return
-        scores = [sum(c.isdigit() for c in t) / max(1, len(t)) for t in body["trajectories"]]
+        scores = [self.score(t) for t in body["trajectories"]]
         data = json.dumps({"scores": scores}).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
@@ -87,17 +98,34 @@ def reward_scorer():
     httpd.shutdown()
 
 
+def _answer_matches_its_response_model(response: httpx.Response) -> None:
+    """Every JSON answer of a generation route the tests get is what /openapi.json says it is
+    (vLLM's answer and the typed `steering` report, which allows no undocumented key)."""
+    from server.generation import ChatCompletionResponse, CompletionResponse
+
+    model = {"/v1/chat/completions": ChatCompletionResponse,
+             "/v1/completions": CompletionResponse}.get(response.request.url.path)
+    if model is not None and response.status_code == 200 and \
+            response.headers.get("content-type", "").startswith("application/json"):
+        response.read()
+        model.model_validate(response.json())
+
+
+def _client(server, key: str) -> httpx.Client:
+    return httpx.Client(base_url=server.base_url, timeout=120,
+                        headers={"Authorization": f"Bearer {key}"},
+                        event_hooks={"response": [_answer_matches_its_response_model]})
+
+
 @pytest.fixture(scope="session")
 def http(server) -> httpx.Client:
-    with httpx.Client(base_url=server.base_url, timeout=120,
-                      headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+    with _client(server, API_KEY) as client:
         yield client
 
 
 @pytest.fixture(scope="session")
 def admin_http(server) -> httpx.Client:
-    with httpx.Client(base_url=server.base_url, timeout=120,
-                      headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
+    with _client(server, ADMIN_KEY) as client:
         yield client
 
 

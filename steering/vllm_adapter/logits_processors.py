@@ -34,11 +34,15 @@ class ExtraArgs:
     """Keys this project reads from `SamplingParams.extra_args`."""
 
     STEER_ID = "steer_id"  # str: routes the request's telemetry back to the API process
-    TYPICAL_P = "typical_p"  # float in (0, 1): locally typical sampling mass
+    TYPICAL_P = "steer_typical_p"  # float in (0, 1): locally typical sampling mass
     # list of [table slot, scale, layer, prompt positions too (0/1)]: residual-stream vectors
     EAST = "steer_east"
     CAPTURE = "steer_capture"  # bool: keep every layer's residual stream at the last prompt token
     VREASON = "steer_vreason"  # [every, steps, lr, ema, positions]: V-Reason value-cache tuning
+    # Read in the API process only (by `server.engine.SteeringClient`), never by the engine:
+    SESSION = "steer_session"  # str: the HTTP request's steering session
+    ORDINAL = "steer_ordinal"  # int: which of the request's prompts these parameters are for
+    PREFIX = "steer_"  # every key above starts with it; clients may not send such keys
 
 
 def telemetry_address(vllm_config: VllmConfig) -> str | None:

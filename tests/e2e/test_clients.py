@@ -123,6 +123,7 @@ def test_generate_cli_reports_errors(server):
 
 @pytest.mark.parametrize("command", [
     [sys.executable, "examples/openai_sdk.py"],
+    [sys.executable, "examples/openai_tools.py"],
     [sys.executable, "examples/client_example.py"],
     ["bash", "examples/curl.sh"],
 ])

@@ -57,28 +57,6 @@ def test_typical_mask_in_engine_matches_hf_warper(async_openai, hf_model):
     assert not set(plain) <= kept
 
 
-def test_unsteered_requests_in_a_mixed_batch_give_their_solo_tokens(openai_client,
-                                                                   async_openai):
-    prompts = ["The weather today is", "List three prime numbers:", "def add(a, b):",
-               "In 1492, Columbus"]
-    solo = [openai_client.completions.create(model=MODEL, prompt=p, max_tokens=24,
-                                             temperature=0).choices[0].text for p in prompts]
-
-    async def mixed():
-        client = async_openai()
-        greedy = [client.completions.create(
-            model=MODEL, prompt=p, max_tokens=24, temperature=0) for p in prompts]
-        steered = [client.completions.create(
-            model=MODEL, prompt=p, max_tokens=40, temperature=1.0, seed=i,
-            extra_body={"typical_p": 0.3, "steering": {"return_entropy": True}})
-            for i, p in enumerate(prompts * 2)]
-        async with client:
-            replies = await asyncio.gather(*steered[:4], *greedy, *steered[4:])
-        return [r.choices[0].text for r in replies[4:8]]
-
-    assert asyncio.run(mixed()) == solo
-
-
 def test_greedy_output_matches_hf_generate(openai_client, hf_model):
     model, tokenizer = hf_model
     for prompt in ["The capital of Italy is", "Photosynthesis is"]:

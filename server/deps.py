@@ -1,0 +1,110 @@
+"""What routes depend on: the server's state, the key checks and admission, as `Annotated`
+aliases."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from server.diffadapt import DifficultyRouter
+from server.engine import Engine
+from server.errors import EngineBusy, Forbidden, Unauthorized
+from server.metrics import SteerMetrics
+from server.particles import ParticleConfig
+
+
+class Admission:
+    """A bound on the engine sequences the server holds, running and waiting: past `limit` a
+    generation request is a 429 at once (with `Retry-After`) instead of a queue that grows
+    until clients time out. A request holds as many sequences as it makes (choices × prompts,
+    or particles) until its answer has been sent."""
+
+    RETRY_AFTER_S = 1
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+
+    def take(self, sequences: int) -> int:
+        """Hold `sequences` (one request may always run alone, however many it makes)."""
+        if self.held and self.held + sequences > self.limit:
+            raise EngineBusy(f"the server holds {self.held} sequences of its {self.limit} "
+                             f"(--max-queued-requests); retry shortly",
+                             retry_after=self.RETRY_AFTER_S)
+        self.held += sequences
+        return sequences
+
+    def give_back(self, sequences: int) -> None:
+        self.held -= sequences
+
+
+class ServerState:
+    """What the routes need, stored on `app.state.steer`."""
+
+    def __init__(self, engine: Engine, metrics: SteerMetrics, router: DifficultyRouter,
+                 particles: ParticleConfig, serving, model_name: str, api_key: str | None,
+                 admin_key: str | None = None, strict_fields: bool = False,
+                 admission: Admission | None = None) -> None:
+        self.engine, self.metrics, self.model_name = engine, metrics, model_name
+        self.router, self.particles, self.serving = router, particles, serving
+        self.api_key, self.admin_key = api_key, admin_key
+        self.strict_fields = strict_fields
+        self.admission = admission or Admission(limit=2**31)
+        self.created = int(time.time())
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.steer
+
+
+StateDep = Annotated[ServerState, Depends(get_state)]
+
+
+class Hold:
+    """A request's admission: `take` once it knows its size; given back after the answer."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission, self.sequences = admission, 0
+
+    def take(self, sequences: int) -> None:
+        self.sequences += self.admission.take(sequences)
+
+
+async def _hold(state: StateDep) -> AsyncIterator[Hold]:
+    hold = Hold(state.admission)
+    try:
+        yield hold  # FastAPI runs the rest after the response, a stream's last event included
+    finally:
+        state.admission.give_back(hold.sequences)
+
+
+HoldDep = Annotated[Hold, Depends(_hold)]
+
+
+def bearer_token(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def require_api_key(request: Request, state: StateDep) -> None:
+    """Bearer token check, in constant time; the admin key is accepted too."""
+    if state.api_key is None:
+        return
+    token = bearer_token(request).encode()
+    valid = hmac.compare_digest(token, state.api_key.encode())
+    if state.admin_key is not None:
+        valid |= hmac.compare_digest(token, state.admin_key.encode())
+    if not valid:
+        raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer KEY')")
+
+
+def require_admin_key(request: Request, state: StateDep) -> None:
+    if state.admin_key is None:
+        return
+    if not hmac.compare_digest(bearer_token(request).encode(), state.admin_key.encode()):
+        raise Forbidden("writing steering artifacts needs the admin key "
+                        "('Authorization: Bearer ADMIN_KEY')")
+

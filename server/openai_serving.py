@@ -1,0 +1,228 @@
+"""vLLM's own OpenAI serving layer, driven over the steering engine client.
+
+Chat templates (with tools), structured outputs (`response_format`, `structured_outputs`, the
+grammar behind `tool_choice: required` and named tools), tool-call and reasoning parsers,
+logprobs, `echo`, prompt logprobs, `n`, tokenization: all of it is vLLM's code, so a request
+means here exactly what it means to `vllm serve`. This module builds vLLM's serving objects,
+turns their answers into this server's (every choice gains its `steering` report, each stream
+chunk its tokens' entropy when asked) and makes them valid against OpenAI's published schema
+where vLLM's are not (no `null` where the schema wants an object or an array).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from server.engine import SteeringClient, SteeringSession
+from server.errors import (
+    APIError,
+    EngineBusy,
+    EngineUnavailable,
+    InvalidRequest,
+    NotFound,
+    UpstreamError,
+    in_band_error,
+)
+
+# Keys whose `null` OpenAI's schema allows (or vLLM's own `stop_reason`, where null means the
+# end-of-sequence token); any other null is dropped from an answer.
+NULLABLE_KEYS = frozenset({"content", "refusal", "logprobs", "finish_reason", "stop_reason",
+                           "bytes", "text_offset"})
+
+
+@dataclass(frozen=True)
+class FrontendOptions:
+    """`vllm serve`'s options for its OpenAI layer, with the same names and defaults."""
+
+    chat_template: str | None = None
+    chat_template_content_format: str = "auto"
+    response_role: str = "assistant"
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    tool_strict_level: str = "auto"
+    return_tokens_as_token_ids: bool = False
+    enable_prompt_tokens_details: bool = False
+    default_chat_template_kwargs: dict[str, Any] | None = None
+
+
+class OpenAIServing:
+    """vLLM's chat, completion and tokenization serving objects over `client`."""
+
+    def __init__(self, client: SteeringClient, model_name: str, model_path: str,
+                 options: FrontendOptions) -> None:
+        from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+        from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+        from vllm.entrypoints.openai.models.protocol import BaseModelPath
+        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+        from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
+        from vllm.renderers.chat_utils import load_chat_template
+        from vllm.renderers.online_renderer import OnlineRenderer
+
+        template = load_chat_template(options.chat_template)
+        reasoning = client.vllm_config.structured_outputs_config.reasoning_parser or ""
+        shared = dict(chat_template=template,
+                      chat_template_content_format=options.chat_template_content_format,
+                      default_chat_template_kwargs=options.default_chat_template_kwargs)
+        tools = dict(enable_auto_tools=options.enable_auto_tool_choice,
+                     tool_parser=options.tool_call_parser, reasoning_parser=reasoning,
+                     tool_strict_level=options.tool_strict_level)
+        self.models = OpenAIServingModels(client, [BaseModelPath(model_name, model_path)])
+        self.renderer = OnlineRenderer(client.model_config, client.renderer,
+                                       request_logger=None, **shared, **tools)
+        self.chat = OpenAIServingChat(
+            client, self.models, options.response_role, online_renderer=self.renderer,
+            request_logger=None, return_tokens_as_token_ids=options.return_tokens_as_token_ids,
+            enable_prompt_tokens_details=options.enable_prompt_tokens_details, **shared,
+            **tools)
+        self.completion = OpenAIServingCompletion(
+            client, self.models, online_renderer=self.renderer, request_logger=None,
+            return_tokens_as_token_ids=options.return_tokens_as_token_ids,
+            enable_prompt_tokens_details=options.enable_prompt_tokens_details)
+        self.tokenization = ServingTokenization(self.models, self.renderer, **shared)
+
+    async def chat_prompt_ids(self, request) -> list[int]:
+        """The token ids vLLM would generate from for a chat request (template, tools)."""
+        result = await self.chat.render_chat_request(request)
+        raise_error(result)
+        _, inputs = result
+        return list(inputs[0]["prompt_token_ids"])
+
+    async def completion_prompt_ids(self, request) -> list[list[int]]:
+        result = await self.completion.render_completion_request(request)
+        raise_error(result)
+        return [list(i["prompt_token_ids"]) for i in result]
+
+
+def raise_error(result) -> None:
+    """vLLM's serving methods return errors as values: raise them as this server's."""
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    if isinstance(result, ErrorResponse):
+        raise api_error(result.error.code, result.error.message, result.error.param)
+
+
+def install_error_handlers(app) -> None:
+    """vLLM's exceptions (raised inside its serving layer, e.g. by `SamplingParams`'
+    validation) as this server's error answers, with the status `vllm serve` gives them."""
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from vllm.exceptions import VLLMError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from server.errors import error_response
+
+    async def handler(_, exc: Exception):
+        if isinstance(getattr(exc, "error", None), APIError):  # ours, through vLLM's layer
+            return error_response(exc.error)
+        if isinstance(exc, EngineDeadError):
+            return error_response(EngineUnavailable("the engine process died"))
+        error = create_error_response(exc).error
+        return error_response(api_error(error.code, error.message, error.param))
+
+    for kind in (VLLMError, ValueError, TypeError, OverflowError, NotImplementedError):
+        app.add_exception_handler(kind, handler)
+
+
+def api_error(status: int, message: str, param: str | None) -> APIError:
+    """An error vLLM's serving layer answered with, as this server's (same status)."""
+    kind = {400: InvalidRequest, 404: NotFound, 429: EngineBusy, 502: UpstreamError,
+            503: EngineUnavailable}.get(status)
+    if kind is not None:
+        return kind(message, param)
+    error = APIError(message, param)
+    error.status = status
+    return error
+
+
+def without_nulls(value):
+    """An answer with every null that OpenAI's schema does not allow dropped."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items()
+                if v is not None or k in NULLABLE_KEYS}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
+def tidy_choice(choice: dict) -> dict:
+    """A chat choice (or stream choice) as OpenAI's schema has it: its message tidied, and
+    `refusal` beside the logprobs' `content` (the schema requires both)."""
+    message = choice.get("message", choice.get("delta"))
+    if message is not None:
+        tidy_message(message)
+    if isinstance(choice.get("logprobs"), dict) and "content" in choice["logprobs"]:
+        choice["logprobs"].setdefault("refusal", None)
+    return choice
+
+
+def tidy_message(message: dict) -> dict:
+    """A chat message or delta as OpenAI writes one: no empty `tool_calls` list, and the
+    reasoning text also under `reasoning_content`, the name most clients read."""
+    if message.get("tool_calls") == []:
+        del message["tool_calls"]
+    if message.get("reasoning") is not None:
+        message["reasoning_content"] = message["reasoning"]
+    return message
+
+
+Report = Callable[[SteeringSession, int], dict]
+
+
+def annotate_response(data: dict, session: SteeringSession, report: Report) -> dict:
+    """A whole answer: each choice gains its steering report."""
+    data = without_nulls(data)
+    prompt_ids = data.get("prompt_token_ids")  # vLLM's chat puts it beside the choices
+    for choice in data["choices"]:
+        tidy_choice(choice)
+        if prompt_ids is not None:
+            choice.setdefault("prompt_token_ids", prompt_ids)
+        choice["steering"] = report(session, choice["index"])
+    return data
+
+
+async def annotate_stream(events: AsyncIterator[str], session: SteeringSession, report: Report,
+                          return_entropy: bool,
+                          on_finish: Callable[[int], None]) -> AsyncIterator[str]:
+    """Server-sent events from vLLM's stream: each choice's chunk gains the entropy of the
+    tokens it carries (when asked), its last chunk the whole report.
+
+    A chunk carries the tokens its choice produced since that choice's previous chunk: vLLM's
+    serving layer turns each engine output into its chunk with no `await` in between, so the
+    choice's record still counts exactly the tokens delivered up to that chunk."""
+    sent: dict[int, int] = {}
+    async for event in events:
+        if not event.startswith("data: {"):
+            yield event
+            continue
+        chunk = without_nulls(json.loads(event[len("data: "):]))
+        if "error" in chunk:
+            error = chunk["error"]  # vLLM's, in this server's error body
+            mapped = api_error(error.get("code") or 500, error.get("message") or "internal error",
+                               error.get("param"))
+            yield f"data: {json.dumps(in_band_error(mapped))}\n\n"
+            continue
+        for choice in chunk.get("choices", []):
+            index = choice["index"]
+            tidy_choice(choice)
+            record = session.record(index)
+            if record is None or _announces_role(choice):
+                continue
+            start, sent[index] = sent.get(index, 0), record.produced
+            steering = {}
+            if choice.get("finish_reason") is not None:
+                steering = report(session, index)
+                on_finish(index)
+            if return_entropy:
+                steering["chunk_entropy"], steering["chunk_varentropy"] = record.window(start)
+            if steering:
+                choice["steering"] = steering
+        yield f"data: {json.dumps(chunk)}\n\n"
+
+
+def _announces_role(choice: dict) -> bool:
+    """vLLM's first chunk of a chat choice: the role, before any token."""
+    delta = choice.get("delta")
+    return delta is not None and "role" in delta and not delta.get("content") \
+        and not delta.get("tool_calls") and choice.get("finish_reason") is None

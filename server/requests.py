@@ -1,0 +1,230 @@
+"""The request bodies: vLLM's own OpenAI request models, so that every field `vllm serve`
+accepts is accepted here and means the same, plus this project's extensions (`typical_p`,
+`steering`).
+
+Three rules on top of vLLM's: JSON types are strict, `null` for any top-level field means the
+field is unset (as the OpenAI API treats it), and `SamplingParams.extra_args` keys starting
+with `steer_` belong to this server (a client's `vllm_xargs` may not set them).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from vllm.entrypoints.openai.chat_completion.protocol import (
+    ChatCompletionRequest as VllmChatCompletionRequest,
+)
+from vllm.entrypoints.openai.completion.protocol import (
+    CompletionRequest as VllmCompletionRequest,
+)
+from vllm.entrypoints.serve.tokenize import protocol as tokenize_protocol
+
+from server.errors import validation_error
+from server.protocol import (
+    MAX_N,
+    MAX_PROMPTS,
+    MAX_STOP_SEQUENCES,
+    EastOptions,
+    SteeringOptions,
+)
+from steering.vllm_adapter.logits_processors import ExtraArgs
+
+MAX_LOGPROBS = 20  # vLLM's default `max_logprobs`
+MAX_TOP_K = 2**31 - 1  # vLLM's engine messages carry top_k as a fixed-width integer
+
+
+class StrictJSON(BaseModel):
+    """A request body with JSON's types, as its schema says: `true` is not 1, `"5"` is not 5,
+    at every depth (vLLM's models coerce, e.g. `tools[].function.defer_loading: 0`).
+
+    FastAPI validates the parsed body as Python objects, in pydantic's lax mode; this validates
+    it again as the JSON it came as, in strict mode (where integers still pass for numbers and
+    strings for enums). `null` for a top-level field means the field is unset, as the OpenAI
+    API treats it. Errors vLLM's own validators raise on ill-typed input (e.g.
+    `AttributeError` on `"structured_outputs": false`) become validation errors, so a bad body
+    is a 400 rather than a 500."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _strict_json(cls, data: Any, handler, info: ValidationInfo):
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if v is not None}
+        if info.mode != "python" or not isinstance(data, dict):
+            return _without_crashes(handler, data)
+        try:
+            return cls.model_validate_json(json.dumps(data), strict=True)
+        except ValidationError as exc:
+            _without_crashes(handler, data)  # invalid even laxly: pydantic's own error (so a
+            raise validation_error(exc.errors()) from None  # union tries its next member)
+
+
+def _without_crashes(handler, data):
+    try:
+        return handler(data)
+    except (AttributeError, TypeError, KeyError) as exc:
+        raise ValueError(f"malformed request: {type(exc).__name__}: {exc}") from None
+
+
+class SteeringFields(StrictJSON):
+    """The extensions, and the seam between a request and its steering session."""
+
+    typical_p: Annotated[float, Field(gt=0, le=1, strict=True, description=(
+        "locally typical sampling mass τ in (0, 1]; 1 turns it off"))] | None = None
+    steering: SteeringOptions | None = None
+
+    _session: str | None = PrivateAttr(default=None)
+    _prompts_seen: int = PrivateAttr(default=0)
+
+    @model_validator(mode="after")
+    def _one_typical(self):
+        if self.typical_p is not None and self.steering and self.steering.typical is not None:
+            raise ValueError("set typical_p or steering.typical, not both")
+        return self
+
+    @field_validator("n", check_fields=False)
+    @classmethod
+    def _bounded_n(cls, n: int | None) -> int | None:
+        if n is not None and not 1 <= n <= MAX_N:
+            raise ValueError(f"between 1 and {MAX_N} choices per request")
+        return n
+
+    @field_validator("top_k", check_fields=False)
+    @classmethod
+    def _bounded_top_k(cls, top_k: int | None) -> int | None:
+        if top_k is not None and not -1 <= top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be -1 (off) or at most {MAX_TOP_K}")
+        return top_k
+
+    @field_validator("stop", check_fields=False)
+    @classmethod
+    def _bounded_stop(cls, stop):
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOP_SEQUENCES or not all(stops):
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} non-empty stop strings")
+        return stop
+
+    @field_validator("vllm_xargs", check_fields=False)
+    @classmethod
+    def _no_reserved_keys(cls, xargs: dict | None) -> dict | None:
+        reserved = sorted(k for k in xargs or {} if k.startswith(ExtraArgs.PREFIX))
+        if reserved:
+            raise ValueError(f"keys starting with '{ExtraArgs.PREFIX}' are this server's own "
+                             f"({', '.join(reserved)}); use the steering object")
+        return xargs
+
+    @property
+    def ignored_fields(self) -> list[str]:
+        """Top-level fields neither vLLM nor this server knows (vLLM ignores them)."""
+        return sorted(self.model_extra or {})
+
+    @property
+    def typical_mass(self) -> float | None:
+        if self.typical_p is not None:
+            return self.typical_p
+        if self.steering and self.steering.typical:
+            return self.steering.typical.p
+        return None
+
+    @property
+    def east_options(self) -> list[EastOptions]:
+        east = self.steering.east if self.steering else None
+        if east is None:
+            return []
+        return east if isinstance(east, list) else [east]
+
+    @property
+    def return_entropy(self) -> bool:
+        return bool(self.steering and self.steering.return_entropy)
+
+    @property
+    def stop_list(self) -> list[str]:
+        if not self.stop:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def bind(self, session_id: str) -> None:
+        """Route this request's engine requests through a steering session."""
+        self._session, self._prompts_seen = session_id, 0
+
+    def to_sampling_params(self, max_tokens: int, default_sampling_params: dict):
+        """vLLM's conversion, plus the session's id and the prompt's ordinal (vLLM's serving
+        layer calls this once per prompt, in prompt order).
+
+        `n` > 1 with greedy decoding is allowed (vLLM refuses it): the session runs each choice
+        as its own engine request, so n identical greedy choices are what the client asked."""
+        n, self.n = self.n, 1
+        try:
+            params = super().to_sampling_params(max_tokens, default_sampling_params)
+        finally:
+            self.n = n
+        params.n = n or 1
+        if self._session is not None:
+            params.extra_args = {**(params.extra_args or {}), ExtraArgs.SESSION: self._session,
+                                 ExtraArgs.ORDINAL: self._prompts_seen}
+            self._prompts_seen += 1
+        return params
+
+
+class ChatCompletionRequest(SteeringFields, VllmChatCompletionRequest):
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(SteeringFields, VllmCompletionRequest):
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_count(cls, prompt):
+        prompts = [prompt] if isinstance(prompt, str) or (
+            isinstance(prompt, list) and prompt and isinstance(prompt[0], int)) else prompt
+        if isinstance(prompts, list) and (not prompts or not all(prompts)):
+            raise ValueError("the prompt is empty")
+        if isinstance(prompts, list) and len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+        return prompt
+
+    @field_validator("logprobs")
+    @classmethod
+    def _bounded_logprobs(cls, logprobs: int | None) -> int | None:
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}")
+        return logprobs
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s) as a list: one entry per prompt, text or token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p or [])
+
+
+GenerationRequest = ChatCompletionRequest | CompletionRequest
+
+
+class TokenizeCompletionRequest(StrictJSON, tokenize_protocol.TokenizeCompletionRequest):
+    pass
+
+
+class TokenizeChatRequest(StrictJSON, tokenize_protocol.TokenizeChatRequest):
+    pass
+
+
+class DetokenizeRequest(StrictJSON, tokenize_protocol.DetokenizeRequest):
+    pass
+
+
+TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest

@@ -1,0 +1,153 @@
+"""The generation requests on vLLM's models: null is unset, the extensions, the session seam,
+and answers cleaned to OpenAI's schema (no engine)."""
+
+import copy
+import functools
+import operator
+
+import pytest
+from pydantic import TypeAdapter, ValidationError
+
+from server.errors import InvalidRequest, validation_error
+from server.openai_serving import tidy_message, without_nulls
+from server.requests import ChatCompletionRequest, CompletionRequest, TokenizeRequest
+from steering.vllm_adapter.logits_processors import ExtraArgs
+from tests.openai_spec import CHAT_RESPONSE, validate
+
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def refusal(model, body: dict) -> InvalidRequest:
+    """The 400 a body gets, whichever way pydantic raised it."""
+    try:
+        TypeAdapter(model).validate_python(body)
+    except ValidationError as exc:
+        return validation_error(exc.errors())
+    except InvalidRequest as exc:
+        return exc
+    pytest.fail(f"accepted {body}")
+
+
+def test_null_is_unset_for_every_optional_field():
+    nulls = {name: None for name, info in ChatCompletionRequest.model_fields.items()
+             if not info.is_required()}
+    request = ChatCompletionRequest.model_validate({"messages": CHAT, **nulls})
+    default = ChatCompletionRequest.model_validate({"messages": CHAT})
+    skip = {"request_id"}  # a fresh random id each time
+    assert {k: v for k, v in request.model_dump().items() if k not in skip} == \
+        {k: v for k, v in default.model_dump().items() if k not in skip}
+    assert request.ignored_fields == []
+
+
+def test_unknown_fields_are_kept_aside_and_named():
+    request = CompletionRequest.model_validate({"prompt": "x", "zeta": 1, "alpha": [2]})
+    assert request.ignored_fields == ["alpha", "zeta"]
+    assert refusal(CompletionRequest, {"prompt": "x", "steering": {"frob": 1}}).param == \
+        "steering.frob"
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"vllm_xargs": {"steer_typical_p": 0.1}}, "vllm_xargs"),
+    ({"n": 17}, "n"),
+    ({"typical_p": 0}, "typical_p"),
+    ({"typical_p": "0.5"}, "typical_p"),
+])
+def test_extensions_are_checked(body, param):
+    assert refusal(ChatCompletionRequest, {"messages": CHAT, **body}).param == param
+
+
+def test_both_typical_forms_are_refused():
+    error = refusal(ChatCompletionRequest, {"messages": CHAT, "typical_p": 0.5,
+                                            "steering": {"typical": {"p": 0.5}}})
+    assert "not both" in error.message
+
+
+def test_sampling_params_carry_the_session_and_each_prompts_ordinal():
+    request = CompletionRequest.model_validate({"prompt": ["a", "b"], "vllm_xargs": {"k": 1}})
+    assert request.to_sampling_params(4, {}).extra_args == {"k": 1}  # not bound: untouched
+    request.bind("s-1")
+    first, second = (request.to_sampling_params(4, {}) for _ in range(2))
+    assert first.extra_args == {"k": 1, ExtraArgs.SESSION: "s-1", ExtraArgs.ORDINAL: 0}
+    assert second.extra_args[ExtraArgs.ORDINAL] == 1
+    assert request.vllm_xargs == {"k": 1}  # the request's own dict is not changed
+
+
+def test_vllm_answer_nulls_are_dropped_where_the_schema_forbids_them():
+    answer = {"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+              "system_fingerprint": None, "service_tier": None,
+              "choices": [{"index": 0, "logprobs": None, "finish_reason": "stop",
+                           "stop_reason": None, "token_ids": None,
+                           "message": {"role": "assistant", "content": None, "refusal": None,
+                                       "annotations": None, "function_call": None,
+                                       "tool_calls": [], "reasoning": None}}],
+              "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2,
+                        "prompt_tokens_details": None, "completion_tokens_details": None}}
+    with pytest.raises(AssertionError):
+        validate(CHAT_RESPONSE, answer)
+    cleaned = without_nulls(answer)
+    tidy_message(cleaned["choices"][0]["message"])
+    validate(CHAT_RESPONSE, cleaned)
+    assert cleaned["choices"][0]["message"] == {"role": "assistant", "content": None,
+                                                "refusal": None}
+    assert cleaned["choices"][0]["stop_reason"] is None
+
+
+def test_plan_reads_every_method_once_and_reports_each():
+    from dataclasses import replace
+
+    from server.generation import Plan, SteeringReport, steering_report
+    from server.methods import Outcome
+
+    request = ChatCompletionRequest.model_validate({"messages": CHAT, "typical_p": 0.5,
+        "steering": {"east": {"vector": "v", "scale": 2.0}, "vreason": {"every": 3},
+                     "return_hidden_states": [3, "final", 3], "return_entropy": True}})
+    plan = Plan.of(request)
+    assert plan.methods == ("east", "typical", "vreason") and plan.label == "east+typical+vreason"
+    steering = plan.engine_steering()
+    assert steering.typical_p == 0.5 and steering.east[0].vector == "v"
+    assert steering.capture_layers == (3,) and steering.capture_final
+    assert steering.vreason.every == 3
+    assert plan.not_with_particles() == ["steering.vreason", "steering.return_hidden_states"]
+    ran = replace(steering, east=(replace(steering.east[0], layers=(7,)),))
+    report = steering_report(plan, Outcome(ran, hidden_states={3: [0.5], "final": [0.25]},
+                                           vreason={"updates": []}), [1.0, None], [2.0, None])
+    assert report["typical"] == {"p": 0.5}
+    assert report["east"] == [{"vector": "v", "scale": 2.0, "layers": [7],
+                               "positions": "generated"}]
+    assert report["vreason"]["every"] == 3 and report["vreason"]["updates"] == []
+    assert report["hidden_states"] == {"3": [0.5], "final": [0.25]}
+    assert report["entropy"] == {"mean": 1.0, "max": 1.0, "last": 1.0}
+    assert report["token_entropy"] == [1.0, None]
+    SteeringReport.model_validate(report)  # the schema /openapi.json publishes
+    plain = Plan.of(ChatCompletionRequest.model_validate({"messages": CHAT, "typical_p": 1}))
+    assert plain.methods == () and plain.label == "none"  # τ = 1 is no typical sampling
+
+
+@pytest.mark.parametrize("field,value", [("n", True), ("max_tokens", "5"), ("stream", "yes"),
+                                         ("seed", False), ("temperature", "0.5"),
+                                         ("logprobs", 1.5)])
+def test_scalar_json_types_are_strict(field, value):
+    """Where vLLM's models would coerce (`true` → 1, `"5"` → 5), this server refuses."""
+    assert refusal(CompletionRequest, {"prompt": "x", field: value}).param == field
+    CompletionRequest.model_validate({"prompt": "x", "temperature": 1, "top_p": 0.5})
+
+
+TOOL = {"type": "function", "function": {"name": "f", "defer_loading": False}}
+
+
+@pytest.mark.parametrize("model,body,path,bad", [
+    (ChatCompletionRequest, {"messages": CHAT, "tools": [TOOL]},
+     ("tools", 0, "function", "defer_loading"), 0),
+    (ChatCompletionRequest, {"messages": CHAT, "stream": True,
+                             "stream_options": {"include_usage": True}},
+     ("stream_options", "include_usage"), 1),
+    (TokenizeRequest, {"prompt": "x", "add_special_tokens": True}, ("add_special_tokens",), 1),
+    (TokenizeRequest, {"messages": CHAT, "add_generation_prompt": True},
+     ("add_generation_prompt",), "yes"),
+])
+def test_json_types_are_strict_at_every_depth(model, body, path, bad):
+    TypeAdapter(model).validate_python(body)
+    broken = copy.deepcopy(body)
+    parent = functools.reduce(operator.getitem, path[:-1], broken)
+    parent[path[-1]] = bad
+    assert refusal(model, broken).param == ".".join(map(str, path))
