@@ -1,12 +1,14 @@
 """Keys on every route of the OpenAPI schema: the API key for /v1/*, the admin key for artifact
-writes, /health and /metrics open to probes and scrapers; listings never show server paths."""
+writes, /health, /ping, /version and /metrics open to probes and scrapers; listings never show
+server paths."""
 
 import httpx
 import pytest
 
 from tests.conftest import ADMIN_KEY, API_KEY
 
-OPEN = {"/health", "/metrics"}  # the documented policy: probes and scrapers need no key
+OPEN = {"/health", "/ping", "/version", "/metrics"}  # the documented policy: probes and
+# scrapers need no key
 WRONG = [None, "Bearer", f"Basic {API_KEY}", f"Bearer {API_KEY}x", f"Bearer {API_KEY[:-1]}",
          f"Bearer {ADMIN_KEY[:-1]}", b"Bearer \xff\xfe"]  # Authorization headers
 

@@ -1,5 +1,7 @@
 """Deploy files against the live server: every dashboard and alert query names a metric the
-server exports, and the images' entry point serves as a plain process."""
+server exports, and the images' entry point serves as a plain process. And promtool's checks
+of the Prometheus config and alert rules (with the alerts' unit tests); `make test` installs
+Prometheus."""
 
 import json
 import os
@@ -10,9 +12,11 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from clients.local_server import LocalServer
+from tests.unit.test_deploy import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -78,3 +82,14 @@ def test_image_entry_point_serves_as_a_plain_process(tmp_path):
         assert (tmp_path / "artifacts" / "vectors").is_dir()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("args", [
+    ["check", "config", "prometheus.yml"],
+    ["check", "rules", "alerts.yml"],
+    ["test", "rules", "alerts_test.yml"],
+])
+def test_prometheus_files_pass_promtool(args):
+    done = subprocess.run([tool("promtool"), *args], cwd=DEPLOY / "prometheus",
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

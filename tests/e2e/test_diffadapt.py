@@ -3,13 +3,13 @@ the strategy it picks and applies, composition, probe routes, the CLI, and bad i
 
 import json
 import math
-import re
 
 import httpx
 import pytest
 import torch
 
 from tests.conftest import ADMIN_KEY, API_KEY
+from tests.prometheus import metric
 
 MODEL = "SmolLM2-135M-Instruct"
 QUESTIONS = ["What is 3 + 4? End with 'Answer: <number>'.",
@@ -132,9 +132,8 @@ def test_streaming_reports_the_decision(http, probes):
 
 def test_bundled_probe_serves_and_metrics_count_classes(http, server):
     def counted():
-        text = httpx.get(f"{server.base_url}/metrics").text
-        return sum(float(v) for v in re.findall(
-            r'^steer_difficulty_class_total\{[^}]*\} (\S+)$', text, re.M))
+        return metric(httpx.get(f"{server.base_url}/metrics").text,
+                      "steer_difficulty_class_total")
 
     before = counted()
     listing = http.get("/v1/steering/probes").json()["data"]
@@ -151,9 +150,8 @@ def test_long_question_reuses_the_probe_pass_prefill(http, server, probes):
     """The generation after the probe pass hits the prefix cache for the question's full
     KV blocks (32 tokens per block with steer serve's CPU default)."""
     def hits():
-        text = httpx.get(f"{server.base_url}/metrics").text
-        return float(re.search(r"^vllm:prefix_cache_hits_total\{[^}]*\} (\S+)$", text,
-                               re.M).group(1))
+        return metric(httpx.get(f"{server.base_url}/metrics").text,
+                      "vllm:prefix_cache_hits_total")
 
     question = "Numbers: " + ", ".join(str(i) for i in range(700, 900)) + ". Which is largest?"
     before = hits()

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.e2e.test_metrics import metric_value
+from tests.prometheus import metric
 
 LONG = {"max_tokens": 1500, "ignore_eos": True}
 CHAT = [{"role": "user", "content": "Tell me a very long story about a lighthouse."}]
@@ -19,8 +19,8 @@ SLOTS = CAPTURE_ROWS = 8  # the server's defaults (--vector-slots; capture rows)
 
 def engine_idle(http) -> bool:
     text = http.get("/metrics").text
-    return (metric_value(text, "vllm:num_requests_running") == 0
-            and metric_value(text, "vllm:num_requests_waiting") == 0)
+    return (metric(text, "vllm:num_requests_running") == 0
+            and metric(text, "vllm:num_requests_waiting") == 0)
 
 
 def leave(server, http, path: str, body: dict) -> None:

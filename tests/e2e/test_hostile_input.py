@@ -5,6 +5,7 @@ nested and non-UTF-8 bodies, and artifact names that try to leave the artifacts 
 
 import http.client
 import json
+from collections import Counter
 
 import pytest
 import schemathesis
@@ -60,36 +61,71 @@ def bounded(case) -> None:
             _clamp(steering[method], limits)
 
 
+MIN_CASES = 10  # per operation that takes input, in each mode
+
+
+DOCUMENTATION_KEYS = {"title", "description"}
+
+
+def takes_input(operation) -> bool:
+    return bool(operation.definition.raw.get("parameters") or
+                operation.definition.raw.get("requestBody"))
+
+
+def can_be_invalid(operation) -> bool:
+    """Whether some input of the operation has a constraint to break: a body, or a parameter
+    other than a bare string (a path name takes any string)."""
+    raw = operation.definition.raw
+    return "requestBody" in raw or any(
+        set(p.get("schema", {})) - DOCUMENTATION_KEYS != {"type"} or p["schema"]["type"] != "string"
+        for p in raw.get("parameters", []))
+
+
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_every_route_survives_fuzzing(server, mode):
-    """schemathesis's checks on every operation: no 5xx, status codes, content types and
-    error bodies as the schema documents, schema-invalid data rejected. The admin key reaches
-    every route; no shrinking, so a failure costs one more call, not hundreds."""
+    """schemathesis's checks on every operation: no 5xx, status codes, content types, error
+    bodies and 200 answers as the schema documents, schema-invalid data rejected. The admin
+    key reaches every route; no shrinking, so a failure costs one more call, not hundreds.
+    Each operation that takes input gets at least MIN_CASES cases; only operations with no
+    constrained input have no invalid data to make (negative mode)."""
     schema = schemathesis.openapi.from_url(f"{server.base_url}/openapi.json", config=CONFIG)
-    failures, calls = {}, 0
+    failures, calls, unsatisfiable, no_input, unbreakable = {}, Counter(), set(), set(), set()
+    operations = []
     for result in schema.get_all_operations():
         operation = result.ok()
+        operations.append(operation.label)
+        if not takes_input(operation):
+            no_input.add(operation.label)
+        if not can_be_invalid(operation):
+            unbreakable.add(operation.label)
 
         @given(case=operation.as_strategy(mode))
         @settings(max_examples=EXAMPLES, deadline=None, phases=[Phase.explicit, Phase.generate],
                   suppress_health_check=list(HealthCheck), database=None)
         def fuzz(case):
-            nonlocal calls
             bounded(case)
-            calls += 1
+            calls[operation.label] += 1
             case.call_and_validate(base_url=server.base_url, timeout=120,
                                    headers={"Authorization": f"Bearer {ADMIN_KEY}"})
 
         try:
             fuzz()
-        except Unsatisfiable:  # no parameters to make invalid (negative mode)
-            continue
+        except Unsatisfiable:
+            unsatisfiable.add(operation.label)
         except (Exception, FailureGroup) as exc:  # every operation's failure, not the first
             failures[operation.label] = exc
-    print(f"{mode.value}: {calls} fuzz cases")
+    print(f"{mode.value}: {sum(calls.values())} fuzz cases", dict(calls))
     assert not failures, "\n\n".join(  # hypothesis's notes hold the failing case
         f"{label}:\n{exc}\n" + "\n".join(getattr(exc, "__notes__", []))
         for label, exc in failures.items())
+    negative = mode is GenerationMode.NEGATIVE
+    assert unsatisfiable == (unbreakable if negative else set())
+    fuzzed = set(operations) - (unbreakable if negative else set())
+    assert set(calls) == fuzzed
+    few = {label: calls[label] for label in fuzzed - (set() if negative else no_input)
+           if calls[label] < MIN_CASES}
+    assert not few, f"operations fuzzed with fewer than {MIN_CASES} cases: {few}"
+    assert GENERATION <= {label.split(" ", 1)[1] for label in calls}
 
 
 def raw(server, method: str, path: str, body=None, key: str = API_KEY, **headers):

@@ -19,15 +19,16 @@ import pytest
 
 from clients.local_server import steer_server
 from tests.conftest import ADMIN_KEY, API_KEY
+from tests.prometheus import metric
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 KEYS = {"Authorization": f"Bearer {API_KEY}"}
 MODEL = "SmolLM2-135M-Instruct"
 
 
-def start(folder, name: str, scorer: str):
+def start(folder, name: str, scorer: str, *extra: str):
     return steer_server(folder / f"{name}.log", "--enforce-eager", "--reward-url", scorer,
-                        "--reward-timeout", "2", api_key=API_KEY, admin_key=ADMIN_KEY)
+                        "--reward-timeout", "2", *extra, api_key=API_KEY, admin_key=ADMIN_KEY)
 
 
 def session_members(server) -> list[psutil.Process]:
@@ -66,10 +67,13 @@ def wait_until(condition, timeout: float, step: float = 0.25) -> bool:
     return condition()
 
 
+def gauge(server, name: str) -> float:
+    """A metric's value, summed over its label sets."""
+    return metric(httpx.get(f"{server.base_url}/metrics").text, name)
+
+
 def running(server) -> float:
-    text = httpx.get(f"{server.base_url}/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm:num_requests_running"))
+    return gauge(server, "vllm:num_requests_running")
 
 
 def completion(server, stream: bool = False, **body) -> dict:
@@ -79,7 +83,8 @@ def completion(server, stream: bool = False, **body) -> dict:
     with httpx.stream("POST", f"{server.base_url}/v1/completions", json=payload, headers=KEYS,
                       timeout=120) as response:
         if not stream:
-            return {"status": response.status_code, "body": json.loads(response.read())}
+            return {"status": response.status_code, "body": json.loads(response.read()),
+                    "retry_after": response.headers.get("retry-after")}
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
         return {"status": response.status_code, "events": events}
 
@@ -162,7 +167,8 @@ def second_life(first_life, folder, no_scorer):
     vectors = folder / "artifacts" / "vectors"
     (vectors / "corrupt.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken")
     (vectors / ".durable.safetensors.abc123.tmp").write_bytes(b"half a file")
-    server = start(folder, "second", no_scorer)
+    server = start(folder, "second", no_scorer, "--strict-fields",
+                   "--scheduling-policy", "priority", "--max-num-seqs", "2")
     yield server
     reap(server)
 
@@ -190,6 +196,18 @@ def test_restart_skips_a_corrupt_file_and_removes_leftovers(second_life, folder)
     assert httpx.get(f"{second_life.base_url}/health").status_code == 200
 
 
+def test_strict_fields_refuses_unknown_fields(second_life):
+    """`--strict-fields` (this server has it): an unknown top-level field is a 400 naming it;
+    `null` for a known one still means unset."""
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    r = httpx.post(f"{second_life.base_url}/v1/chat/completions", headers=KEYS, timeout=60,
+                   json={**body, "frobnicate": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "frobnicate"
+    r = httpx.post(f"{second_life.base_url}/v1/chat/completions", headers=KEYS, timeout=60,
+                   json={**body, "temperature": None})
+    assert r.status_code == 200 and "x-steer-ignored-fields" not in r.headers
+
+
 def test_unreachable_reward_scorer_is_a_502_at_once(second_life):
     started = time.monotonic()
     r = httpx.post(f"{second_life.base_url}/v1/chat/completions", headers=KEYS, timeout=60, json={
@@ -199,6 +217,84 @@ def test_unreachable_reward_scorer_is_a_502_at_once(second_life):
     error = r.json()["error"]
     assert error["type"] == "upstream_error" and "reward scorer" in error["message"]
     assert "ConnectError" in error["message"] and time.monotonic() - started < 20
+
+
+def held(server) -> float:
+    return gauge(server, "steer_held_sequences")
+
+
+def test_overload_is_a_429_at_once_and_admitted_requests_finish(second_life):
+    """This server runs 2 sequences at once and lets 2 more wait (`--max-queued-requests`'s
+    default: one more batch). With 4 long requests holding every place, 8 more are refused at
+    once with 429 and Retry-After while the 4 are still held, /health 200 throughout; the 4
+    are answered; then every hold is given back (a client that left mid-stream included), so
+    4 at once are admitted again, with the KV cache empty and the API process's memory back
+    near its level."""
+    server = second_life
+
+    def timed(**body):
+        started = time.monotonic()
+        outcome = completion(server, **body)
+        return outcome, time.monotonic() - started
+
+    assert gauge(server, "steer_sequence_limit") == 4
+    api = psutil.Process(server.process.pid)
+    rss_before = api.memory_info().rss
+    with ThreadPoolExecutor(12) as pool:
+        admitted = [pool.submit(timed, max_tokens=300) for _ in range(4)]
+        assert wait_until(lambda: held(server) == 4, 30)
+        refused = [f.result() for f in [pool.submit(timed, max_tokens=8) for _ in range(8)]]
+        assert held(server) == 4  # every refusal came while all 4 places were taken
+        assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200
+        answered = [f.result()[0] for f in admitted]
+    for outcome, seconds in refused:
+        assert outcome["status"] == 429, outcome
+        error = outcome["body"]["error"]
+        assert error["type"] == "rate_limit_error" and "--max-queued-requests" in \
+            error["message"] and outcome["retry_after"] == "1" and seconds < 5
+    for outcome in answered:
+        assert outcome["status"] == 200 and len(outcome["body"]["choices"][0]["text"]) > 0
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", headers=KEYS, json={
+            "model": MODEL, "prompt": "Hi", "max_tokens": 200, "ignore_eos": True,
+            "stream": True}, timeout=60) as response:
+        next(response.iter_lines())  # then leave
+    assert wait_until(lambda: running(server) == 0 and held(server) == 0 and
+                      gauge(server, "vllm:kv_cache_usage_perc") == 0, 30)
+    assert api.memory_info().rss - rss_before < 50 * 2**20  # the API process's memory too
+    with ThreadPoolExecutor(4) as pool:
+        again = [f.result()[0]["status"] for f in [pool.submit(timed) for _ in range(4)]]
+    assert again == [200] * 4
+
+
+def waiting(server) -> float:
+    return gauge(server, "vllm:num_requests_waiting")
+
+
+def test_priority_orders_the_waiting_queue(second_life):
+    """`priority` reaches vLLM's scheduler (this server runs `--scheduling-policy priority`
+    with 2 sequences at once): with both slots busy, a request sent second with a lower
+    priority value is served first (first come, first served would serve it last). The busy
+    requests are long enough to outlast both submissions, and of unequal length, so one slot
+    frees at a time."""
+    server = second_life
+    with ThreadPoolExecutor(4) as pool:
+        busy = [pool.submit(completion, server, max_tokens=tokens) for tokens in (300, 900)]
+        assert wait_until(lambda: running(server) >= 2, 30)
+        finished: dict[str, float] = {}
+
+        def timed(name: str, priority: int):
+            outcome = completion(server, max_tokens=4, priority=priority)
+            finished[name] = time.monotonic()
+            return outcome
+
+        later = pool.submit(timed, "later", 5)
+        assert wait_until(lambda: waiting(server) >= 1, 30)
+        sooner = pool.submit(timed, "sooner", -5)
+        assert wait_until(lambda: waiting(server) >= 2, 30)
+        assert running(server) == 2  # both still queued behind the busy pair
+        outcomes = [f.result() for f in (*busy, later, sooner)]
+    assert [o["status"] for o in outcomes] == [200] * 4
+    assert finished["sooner"] < finished["later"]
 
 
 def test_engine_death_gives_503s_not_hangs(second_life):
@@ -225,8 +321,7 @@ def test_engine_death_gives_503s_not_hangs(second_life):
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert r.status_code == 503 and time.monotonic() - started < 5
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
-    metrics = httpx.get(f"{server.base_url}/metrics").text
-    assert f'steer_engine_up{{model="{MODEL}"}} 0.0' in metrics
+    assert gauge(server, "steer_engine_up") == 0
     # the engine's workers follow it; the API process stays up to answer 503s
     assert wait_until(lambda: not [p for p in session_members(server) if "VLLM" in command(p)],
                       30)

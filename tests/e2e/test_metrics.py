@@ -8,20 +8,9 @@ import httpx
 import pytest
 
 from clients.local_server import free_port
+from tests.prometheus import metric, samples
 
 MODEL = "SmolLM2-135M-Instruct"
-
-
-def metric_value(text: str, name: str, **labels) -> float:
-    total, found = 0.0, False
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-            found = True
-    assert found, f"{name}{labels} not in /metrics"
-    return total
 
 
 def test_metrics_expose_vllm_and_steer_series(http, openai_client):
@@ -34,11 +23,9 @@ def test_metrics_expose_vllm_and_steer_series(http, openai_client):
                  "steer_requests_total", "steer_time_to_first_token_seconds_bucket",
                  "steer_request_latency_seconds_bucket"):
         assert name in text, name
-    count = metric_value(text, "steer_token_entropy_nats_count", model=MODEL, method="typical")
-    prior = (metric_value(before, "steer_token_entropy_nats_count", model=MODEL, method="typical")
-             if 'method="typical"' in before else 0.0)
-    assert count - prior == 5
-    assert metric_value(text, "steer_requests_total", model=MODEL, method="typical") >= 1
+    count = metric(text, "steer_token_entropy_nats_count", model=MODEL, method="typical")
+    prior = metric(before, "steer_token_entropy_nats_count", model=MODEL, method="typical")
+    assert count - prior == 5  # every metric's exact increments: test_every_steer_metric_...
 
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Debian's prometheus")
@@ -74,7 +61,7 @@ def test_real_prometheus_scrapes_entropy(server, openai_client, tmp_path):
 
 def test_client_disconnect_aborts_engine_requests(server, http):
     def running() -> float:
-        return metric_value(http.get("/metrics").text, "vllm:num_requests_running")
+        return metric(http.get("/metrics").text, "vllm:num_requests_running")
 
     payload = {"model": MODEL, "prompt": "Write a very long story about a dragon.",
                "max_tokens": 2000, "temperature": 1.0, "n": 2, "stream": True,
@@ -95,3 +82,85 @@ def test_client_disconnect_aborts_engine_requests(server, http):
     while running() > 0 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert running() == 0
+
+
+class Increments:
+    """What known traffic added to each sample, read as exact differences of /metrics."""
+
+    def __init__(self, http) -> None:
+        self.http, self.before = http, samples(http.get("/metrics").text)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.after = samples(self.http.get("/metrics").text)
+
+    def __call__(self, name: str, **labels) -> float:
+        key = (name, frozenset({"model": MODEL, **labels}.items()))
+        return self.after.get(key, 0.0) - self.before.get(key, 0.0)
+
+
+def complete(http, **body) -> dict:
+    response = http.post("/v1/completions", json={"model": MODEL, "prompt": "Count: one, two,",
+                                                  "ignore_eos": True, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_every_steer_metric_counts_known_traffic(http, server):
+    """Each metric of the README's table, by its exact labels: the increments that known
+    requests make (2 typical requests of 5 tokens, 1 EAST of 4, a DiffAdapt question, a
+    2-particle run, a refused request, a client that leaves)."""
+    with Increments(http) as typical:
+        for seed in (1, 2):
+            complete(http, max_tokens=5, typical_p=0.5, seed=seed)
+    for name in ("steer_requests_total", "steer_time_to_first_token_seconds_count",
+                 "steer_request_latency_seconds_count"):
+        assert typical(name, method="typical") == 2, name
+    for name in ("steer_generated_tokens_total", "steer_token_entropy_nats_count",
+                 "steer_token_varentropy_nats2_count"):
+        assert typical(name, method="typical") == 10, name
+    assert typical("steer_steered_tokens_total", method="typical") == 0
+    assert typical("steer_requests_total", method="none") == 0
+
+    with Increments(http) as east:
+        complete(http, max_tokens=4, steering={"east": {"vector": "explore", "scale": 1.0}})
+    assert east("steer_steered_tokens_total", method="east") == 4
+    assert east("steer_generated_tokens_total", method="east") == 4
+
+    with Increments(http) as diffadapt:
+        reply = http.post("/v1/chat/completions", json={
+            "model": MODEL, "max_tokens": 4, "steering": {"diffadapt": {"probe": "default"}},
+            "messages": [{"role": "user", "content": "What is 2 + 2?"}]}).json()
+    difficulty = reply["choices"][0]["steering"]["diffadapt"]["difficulty"]
+    assert diffadapt("steer_difficulty_class_total", difficulty=difficulty) == 1
+    assert diffadapt("steer_requests_total", method="diffadapt") == 1
+
+    with Increments(http) as particles:
+        reply = complete(http, max_tokens=24, prompt="Q: 3 + 4?\n\nA:", steering={
+            "particles": {"n": 2, "max_steps": 3, "step_delimiter": " "}})
+    run = reply["choices"][0]["steering"]["particles"]
+    assert particles("steer_particle_steps_count", method="particles") == 1
+    assert particles("steer_particle_steps_sum", method="particles") == len(run["steps"])
+    for name in ("steer_particle_ess_ratio_count", "steer_particle_temperature_count"):
+        assert particles(name, method="particles") == len(run["steps"]), name
+    assert particles("steer_particle_resamples_total", method="particles") == run["resamples"]
+
+    with Increments(http) as refused:
+        payload = {"model": MODEL, "prompt": "A long story:", "max_tokens": 2000,
+                   "ignore_eos": True, "stream": True, "typical_p": 0.25}
+        with httpx.stream("POST", f"{server.base_url}/v1/completions", json=payload,
+                          headers=http.headers, timeout=60) as response:
+            next(response.iter_lines())  # leave mid-stream
+        deadline = time.monotonic() + 30
+        while metric(http.get("/metrics").text, "steer_held_sequences") > 0 and \
+                time.monotonic() < deadline:
+            time.sleep(0.25)
+    assert refused("steer_request_errors_total", method="typical", status="499") == 1
+    assert refused("steer_requests_total", method="typical") == 1
+
+    text = http.get("/metrics").text
+    assert metric(text, "steer_engine_up", model=MODEL) == 1
+    assert metric(text, "steer_held_sequences", model=MODEL) == 0
+    assert metric(text, "steer_sequence_limit", model=MODEL) >= 2  # exact: lifecycle

@@ -3,13 +3,13 @@ prefix-cache reuse, cancellation."""
 
 import json
 import math
-import re
 import time
 
 import httpx
 import pytest
 
 from tests.conftest import REWARD_TIMEOUT_S
+from tests.prometheus import metric
 
 QUESTION = "What is 12 + 7? Think in short steps separated by blank lines. End with 'Answer: <n>'."
 PARTICLES = {"n": 4, "max_steps": 3, "return_particles": True}
@@ -19,11 +19,6 @@ def chat(http, particles, question=QUESTION, **body):
     return http.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": question}], "max_tokens": 48,
         "steering": {"particles": particles, **body.pop("steering", {})}, **body})
-
-
-def metric_sum(text: str, name: str) -> float:
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$",
-                                             text, re.M))
 
 
 def test_report_and_chosen_particle(http):
@@ -60,20 +55,88 @@ def test_seeded_requests_repeat(http):
         "final_scores"]
 
 
-@pytest.mark.parametrize("variant", [
-    {"annealing": "entropy", "resampling": "multinomial"},
-    {"annealing": "base", "lookahead": True, "select": "sample"},
-    {"annealing": "none", "stop": ["Answer:"]},
-])
-def test_variants_run(http, variant):
-    r = chat(http, {**PARTICLES, **variant}, seed=3)
+def scored_run(http, reward_scorer, mode: str, seed: int, **options) -> tuple[dict, int]:
+    """A run whose rewards come from the loopback scorer in `mode`, one word per step (so every
+    run has its steps): its report and the number of scoring calls it made."""
+    scorer, _ = reward_scorer
+    scorer.mode, before = mode, scorer.calls
+    try:
+        r = chat(http, {**PARTICLES, "reward": "http", "step_delimiter": " ", **options},
+                 seed=seed)
+    finally:
+        scorer.mode = "ok"
     assert r.status_code == 200, r.text
-    report = r.json()["choices"][0]["steering"]["particles"]
-    assert report["lookahead"] == variant.get("lookahead", False)
-    if "stop" in variant:
-        for p in report["particles"]:
-            assert p["finished"]
-            assert "Answer:" in p["text"] or p["steps"] == 3 or not p["text"].endswith("\n\n")
+    return r.json()["choices"][0]["steering"]["particles"], scorer.calls - before
+
+
+def resampled(report: dict) -> list[dict]:
+    return [s for s in report["steps"] if s["resampled"]]
+
+
+@pytest.mark.parametrize("annealing", ["ess", "entropy", "base", "none"])
+def test_annealing_temperature_follows_its_rule(http, reward_scorer, annealing):
+    """Far-apart rewards (low ESS), annealing on for every step (`ess_threshold` and
+    `early_phase` 1): each step's temperature is its rule's, from the step's own ESS."""
+    report, _ = scored_run(http, reward_scorer, "spread", 4, annealing=annealing,
+                           ess_threshold=1.0, early_phase=1.0)
+    steps = resampled(report)
+    assert steps
+    for s in steps:
+        ratio, progress = s["ess"] / PARTICLES["n"], s["step"] / PARTICLES["max_steps"]
+        assert ratio < 1
+        if annealing == "entropy":  # β = H_n + (1 - H_n)·progress ≥ progress
+            assert 1 <= s["temperature"] <= 1 / progress + 1e-9
+            continue
+        expected = {"ess": max(1.0, (1 / ratio) * (1 - progress)),
+                    "base": max(1.0, 2 - progress), "none": 1.0}[annealing]
+        assert s["temperature"] == pytest.approx(expected)
+    if annealing in ("ess", "base"):
+        assert any(s["temperature"] > 1 for s in steps)
+
+
+@pytest.mark.parametrize("option", [{"ess_threshold": 1e-9}, {"early_phase": 0.0}])
+def test_annealing_off_below_threshold_or_after_early_phase(http, reward_scorer, option):
+    report, _ = scored_run(http, reward_scorer, "spread", 4, annealing="ess",
+                           **{"ess_threshold": 1.0, "early_phase": 1.0, **option})
+    assert resampled(report) and all(s["temperature"] == 1 for s in report["steps"])
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_lookahead_scores_each_resampling_step_twice(http, reward_scorer, lookahead):
+    report, calls = scored_run(http, reward_scorer, "spread", 6, lookahead=lookahead)
+    assert report["lookahead"] is lookahead
+    assert calls == len(report["steps"]) + (len(resampled(report)) if lookahead else 0)
+
+
+def test_resampling_schemes_on_equal_weights(http, reward_scorer):
+    """Equal rewards: systematic resampling keeps every particle once, multinomial draws
+    repeat some (all 4 distinct with probability 4!/4⁴ ≈ 0.09 per step)."""
+    distinct = {}
+    for scheme in ("systematic", "multinomial"):
+        distinct[scheme] = [s["distinct_ancestors"] for seed in (1, 2, 3)
+                            for s in resampled(scored_run(http, reward_scorer, "flat", seed,
+                                                          resampling=scheme)[0])]
+    assert distinct["systematic"] and set(distinct["systematic"]) == {4}
+    assert len(distinct["multinomial"]) >= 3 and min(distinct["multinomial"]) < 4
+
+
+def test_select_sample_can_choose_a_lower_weight_particle(http, reward_scorer):
+    """Near-equal rewards: a draw from softmax(w) picks a particle below the best for some
+    seed (argmax never does: test_report_and_chosen_particle)."""
+    chosen_below_max = []
+    for seed in range(1, 7):
+        report, _ = scored_run(http, reward_scorer, "mild", seed, select="sample")
+        weights = [p["log_weight"] for p in report["particles"]]
+        chosen_below_max.append(weights[report["chosen"]] < max(weights))
+    assert any(chosen_below_max)
+
+
+def test_stop_strings_finish_particles(http):
+    r = chat(http, {**PARTICLES, "annealing": "none", "stop": ["Answer:"]}, seed=3)
+    assert r.status_code == 200, r.text
+    for p in r.json()["choices"][0]["steering"]["particles"]["particles"]:
+        assert p["finished"]
+        assert "Answer:" in p["text"] or p["steps"] == 3 or not p["text"].endswith("\n\n")
 
 
 def test_composes_with_typical_and_east(http):
@@ -152,7 +215,7 @@ def test_streaming_progress_then_answer(http):
 
 def test_particles_reuse_the_prompt_through_the_prefix_cache(http, server):
     def hits():
-        return metric_sum(httpx.get(f"{server.base_url}/metrics").text,
+        return metric(httpx.get(f"{server.base_url}/metrics").text,
                           "vllm:prefix_cache_hits_total")
 
     long = "Numbers: " + ", ".join(str(i) for i in range(300, 500)) + ". " + QUESTION
@@ -169,7 +232,7 @@ def test_metrics(http, server):
     after = httpx.get(f"{server.base_url}/metrics").text
     for name in ("steer_particle_ess_ratio_count", "steer_particle_temperature_count",
                  "steer_particle_steps_count"):
-        assert metric_sum(after, name) > metric_sum(before, name), name
+        assert metric(after, name) > metric(before, name), name
 
 
 @pytest.mark.parametrize("body, param", [
@@ -200,7 +263,7 @@ def test_completions_route(http):
 
 def test_disconnect_stops_all_particles(http, server):
     def running() -> float:
-        return metric_sum(http.get("/metrics").text, "vllm:num_requests_running")
+        return metric(http.get("/metrics").text, "vllm:num_requests_running")
 
     with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", headers=http.headers,
                       timeout=60, json={

@@ -1,5 +1,5 @@
-"""The deploy files: Dockerfiles pass hadolint, Prometheus config and alert rules pass promtool
-(including unit tests of the alerts), compose, Grafana and Kubernetes files are well formed."""
+"""The deploy files: Dockerfiles pass hadolint, compose, Grafana and Kubernetes files are well
+formed (promtool's checks, which need Prometheus installed, are in tests/e2e/test_deploy.py)."""
 
 import json
 import shutil
@@ -24,17 +24,6 @@ def tool(name: str) -> str:
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "deploy/Dockerfile.cpu"])
 def test_dockerfiles_pass_hadolint(dockerfile):
     done = subprocess.run([tool("hadolint"), "--no-color", dockerfile], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
-@pytest.mark.parametrize("args", [
-    ["check", "config", "prometheus.yml"],
-    ["check", "rules", "alerts.yml"],
-    ["test", "rules", "alerts_test.yml"],
-])
-def test_prometheus_files_pass_promtool(args):
-    done = subprocess.run([tool("promtool"), *args], cwd=DEPLOY / "prometheus",
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 

@@ -13,6 +13,7 @@ from server.default_model import ensure_default_model
 from steering.vreason import (
     EntropyPhase,
     LastLayerTail,
+    VReasonConfig,
     attention_output,
     attention_weights,
     norm_preserving,
@@ -144,5 +145,52 @@ def test_value_update_matches_the_hf_reference_and_moves_entropy_with_the_sign(h
     assert update.entropy_after == pytest.approx(expected["entropy_after"], rel=1e-3, abs=1e-4)
     assert update.delta_norm == pytest.approx(expected["delta_norm"], rel=1e-3)
     written = cache.layers[-1].values[0].transpose(0, 1)[tuned]
-    assert (update.values - written).abs().max() < 1e-4
+    # Adam scales each element's step by its own gradient's size, so where a gradient is near
+    # zero float32 noise moves the step; 0.005 is a tenth of one step (lr 0.05), and a wrong
+    # update (sign, slot, norm) is off by whole steps.
+    assert (update.values - written).abs().max() < 5e-3
     assert (update.entropy_after - update.entropy_before) * alpha > 0
+
+
+def _runner(architecture="LlamaForCausalLM", tp=1, isa="vec", kv_dtype="auto", window=None,
+            act="silu"):
+    """What `ValueCacheTuner._check` reads of vLLM's model runner, as the bundled model has it
+    unless told otherwise."""
+    from types import SimpleNamespace
+
+    hf = SimpleNamespace(architectures=[architecture], hidden_act=act)
+    impl = SimpleNamespace(sliding_window=window, logits_soft_cap=None, sinks=None)
+    attention = SimpleNamespace(isa=isa, kv_cache_dtype=kv_dtype, impl=impl)
+    config = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf), parallel_config=
+                             SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=1))
+    table = SimpleNamespace(captured_query=object(), query_source=attention)
+    return SimpleNamespace(vllm_config=config), SimpleNamespace(table=table)
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({}, None),
+    ({"architecture": "GPT2LMHeadModel"}, "Llama-family"),
+    ({"tp": 2}, "tensor or pipeline"),
+    ({"isa": "amx"}, "CPU attention layout"),
+    ({"kv_dtype": "fp8"}, "quantized"),
+    ({"window": 4096}, "sliding window"),
+    ({"act": "gelu"}, "SwiGLU"),
+])
+def test_unsupported_engines_are_named_and_refused(change, reason):
+    """An engine V-Reason cannot tune gets its reason at start, and every V-Reason request a
+    400 naming `steering.vreason` with that reason."""
+    from server.engine import Engine
+    from server.errors import InvalidRequest
+    from steering.vllm_adapter.vreason import ValueCacheTuner
+
+    runner, tuner = _runner(**change)
+    found = ValueCacheTuner._check(tuner, runner)
+    if reason is None:
+        assert found is None
+        return
+    assert reason in found
+    engine = Engine.__new__(Engine)  # the refusal alone: no engine process
+    engine.vreason_unsupported, engine.vreason_max_steps = found, 8
+    with pytest.raises(InvalidRequest) as refused:
+        engine._check_vreason(VReasonConfig())
+    assert refused.value.param == "steering.vreason" and reason in refused.value.message

@@ -1,0 +1,104 @@
+"""Every in-engine method keeps to its own rows: requests steered differently, and plain ones,
+run in the same engine steps (asserted from vLLM's running-request gauge), and each one's
+tokens, report and entropy lists equal its run alone. A method that read another row's
+options (τ, vector, capture layer, V-Reason settings) or wrote another row's telemetry would
+change some request's outcome here."""
+
+import asyncio
+
+import httpx
+import pytest
+
+from clients.loadtest import engine_running
+from tests.conftest import API_KEY
+
+MODEL = "SmolLM2-135M-Instruct"
+TOKENS = 20
+PROMPTS = ["The weather today is", "List three prime numbers:", "def add(a, b):",
+           "In 1492, Columbus", "My favourite fruit is"]
+ENTROPY = {"return_entropy": True}
+KINDS = {  # name → the request's sampling and steering; seeded or greedy, so reproducible
+    "plain greedy": {"temperature": 0},
+    "plain sampled": {"temperature": 1.0, "seed": 11},
+    "typical 0.3": {"temperature": 1.0, "seed": 12, "typical_p": 0.3,
+                    "steering": ENTROPY},
+    "typical 0.8": {"temperature": 1.0, "seed": 13, "typical_p": 0.8,
+                    "steering": ENTROPY},
+    "telemetry greedy": {"temperature": 0, "steering": ENTROPY},
+    "telemetry T=0.7": {"temperature": 0.7, "seed": 14, "steering": ENTROPY},
+    "east +6": {"temperature": 0, "steering": {
+        "east": {"vector": "explore", "scale": 6.0}, **ENTROPY}},
+    "east -6 all": {"temperature": 0, "steering": {
+        "east": {"vector": "explore", "scale": -6.0, "positions": "all"}, **ENTROPY}},
+    "capture 3+final": {"temperature": 0, "steering": {"return_hidden_states": [3, "final"]}},
+    "capture 20": {"temperature": 0, "steering": {"return_hidden_states": [20]}},
+    "vreason every 4": {"temperature": 0, "steering": {"vreason": {"every": 4}, **ENTROPY}},
+    "vreason lr 0.2": {"temperature": 0, "steering": {
+        "vreason": {"every": 3, "lr": 0.2, "positions": "context"}, **ENTROPY}},
+}
+FLOAT_TOLERANCE = 2e-3  # batched float32 GEMMs against one-row ones, in nats and state units
+
+
+def body(kind: str, prompt: str) -> dict:
+    return {"model": MODEL, "prompt": prompt, "max_tokens": TOKENS, "return_token_ids": True,
+            **KINDS[kind]}
+
+
+async def run(client: httpx.AsyncClient, kind: str, prompt: str) -> dict:
+    """A choice's tokens, text and whole report."""
+    response = await client.post("/v1/completions", json=body(kind, prompt))
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    return {k: choice[k] for k in ("token_ids", "text", "steering")}
+
+
+def same(a, b, path: str = "") -> list[str]:
+    """Where two outcomes differ: integers and strings exactly, floats within tolerance."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{path}: keys {sorted(a)} != {sorted(b)}"]
+        return [d for k in a for d in same(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: {len(a)} items != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in same(x, y, f"{path}[{i}]")]
+    if isinstance(a, float) and isinstance(b, float):
+        return [] if a == pytest.approx(b, abs=FLOAT_TOLERANCE, rel=1e-3) else \
+            [f"{path}: {a} != {b}"]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def test_every_method_keeps_to_its_rows_in_a_shared_batch(server):
+    cases = [(kind, PROMPTS[i % len(PROMPTS)]) for i, kind in enumerate(KINDS)]
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=300,
+                                     headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+            solo = [await run(client, kind, prompt) for kind, prompt in cases]
+            peak, done = 0.0, asyncio.Event()
+
+            async def watch():
+                nonlocal peak
+                while not done.is_set():
+                    peak = max(peak, await engine_running(client))
+                    await asyncio.sleep(0.05)
+
+            watcher = asyncio.create_task(watch())
+            mixed = await asyncio.gather(*(run(client, kind, prompt) for kind, prompt in cases))
+            done.set()
+            await watcher
+            return solo, mixed, peak
+
+    solo, mixed, peak = asyncio.run(scenario())
+    assert peak >= len(cases), f"at most {peak} of {len(cases)} requests ran at once"
+    differences = {kind: d for (kind, _), a, b in zip(cases, solo, mixed)
+                   if (d := same(a, b))}
+    assert not differences, differences
+    reports = {kind: o["steering"] for (kind, _), o in zip(cases, solo)}
+    assert reports["capture 3+final"]["hidden_states"].keys() == {"3", "final"}
+    assert reports["capture 20"]["hidden_states"].keys() == {"20"}
+    assert reports["vreason every 4"]["vreason"]["updates"]
+    assert reports["vreason lr 0.2"]["vreason"]["updates"]
+    for kind in KINDS:
+        if "token_entropy" in reports[kind]:
+            assert None not in reports[kind]["token_entropy"], kind
