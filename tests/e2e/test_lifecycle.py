@@ -24,6 +24,9 @@ from tests.prometheus import metric
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 KEYS = {"Authorization": f"Bearer {API_KEY}"}
 MODEL = "SmolLM2-135M-Instruct"
+# The plain requests of the SIGTERM test: long enough to still run while the particle filter's
+# engine requests (its steps end at a blank line) come and go.
+LONG = 160
 
 
 def start(folder, name: str, scorer: str, *extra: str):
@@ -121,11 +124,19 @@ def first_life(folder, no_scorer):
         assert httpx.delete(f"{server.base_url}/v1/steering/vectors/explore",
                             headers=ADMIN).status_code == 200
         with ThreadPoolExecutor(3) as pool:
-            flights = [pool.submit(completion, server),
-                       pool.submit(completion, server, stream=True),
+            flights = [pool.submit(completion, server, max_tokens=LONG),
+                       pool.submit(completion, server, stream=True, max_tokens=LONG),
                        pool.submit(completion, server, steering={
                            "particles": {"n": 2, "max_steps": 2}})]
-            assert wait_until(lambda: running(server) >= 3, 30), "requests never started"
+            seen: list[float] = []
+
+            def all_running() -> bool:
+                seen.append(running(server))
+                return seen[-1] >= 3
+
+            assert wait_until(all_running, 60), (
+                f"at most {max(seen)} engine requests ran at once; finished: "
+                f"{[f.done() for f in flights]}\n{server.log_tail()}")
             members = [command(p) for p in session_members(server)]
             server.process.send_signal(signal.SIGTERM)
             stopped = time.monotonic()
@@ -141,7 +152,7 @@ def first_life(folder, no_scorer):
 def test_sigterm_lets_in_flight_requests_finish(first_life):
     plain, streamed, particles = first_life["outcomes"]
     assert plain["status"] == 200, plain
-    assert plain["body"]["usage"]["completion_tokens"] == 48
+    assert plain["body"]["usage"]["completion_tokens"] == LONG
     assert streamed["status"] == 200 and streamed["events"][-1] == "[DONE]"
     chunks = [json.loads(e) for e in streamed["events"][:-1]]
     assert all("error" not in c for c in chunks)
