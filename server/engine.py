@@ -26,10 +26,12 @@ import torch
 from server.default_model import seed_bundled_artifacts
 from server.errors import APIError, EngineBusy, EngineUnavailable, InvalidRequest, NotFound
 from steering.artifacts import ArtifactNotFound, ProbeStore, VectorStore
+from steering.gates import Gate
 from steering.vllm_adapter.layer_steering import DEFAULT_CAPTURE_ROWS, DEFAULT_SLOTS
 from steering.vllm_adapter.logits_processors import (
     EntropyTelemetryProcessor,
     ExtraArgs,
+    GateProcessor,
     SteeringRowsProcessor,
     TypicalLogitsProcessor,
 )
@@ -57,6 +59,15 @@ class EastSpec:
 
 
 @dataclass(frozen=True)
+class GateSpec:
+    """One closed-loop gate of a request: the engine-free gate, and the vector its EAST action
+    adds (`gate.then` holds `Action.EAST` exactly when `east` is set)."""
+
+    gate: Gate
+    east: EastSpec | None = None
+
+
+@dataclass(frozen=True)
 class SamplingOptions:
     max_tokens: int | None
     temperature: float = 1.0
@@ -75,7 +86,18 @@ class SamplingOptions:
     capture_layers: tuple[int, ...] = ()  # residual stream at the last prompt token
     capture_final: bool = False  # the last layer's, after the final norm
     vreason: VReasonConfig | None = None
+    gates: tuple[GateSpec, ...] = ()
+    dynatemp: tuple[float, float] | None = None  # (range, exponent)
     include_stop_str_in_output: bool = False
+
+    @property
+    def gated(self) -> bool:
+        """Whether the gate processor samples this choice (`steering.gates`)."""
+        return bool(self.gates) or self.dynatemp is not None
+
+    @property
+    def gate_east(self) -> tuple[EastSpec, ...]:
+        return tuple(g.east for g in self.gates if g.east is not None)
 
     @property
     def capturing(self) -> bool:
@@ -202,6 +224,7 @@ class Engine:
         args.logits_processors = [
             *(args.logits_processors or []),
             TypicalLogitsProcessor,
+            GateProcessor,
             EntropyTelemetryProcessor,
             SteeringRowsProcessor,
             VReasonProcessor,
@@ -302,7 +325,9 @@ class Engine:
             self._check_vreason(options.vreason)
         return replace(options, east=tuple(
             self._resolve_east(spec, "steering.east" + (f".{i}" if len(options.east) > 1 else ""))
-            for i, spec in enumerate(options.east)))
+            for i, spec in enumerate(options.east)), gates=tuple(
+            replace(g, east=self._resolve_east(g.east, f"steering.gates.{i}.then.east"))
+            if g.east is not None else g for i, g in enumerate(options.gates)))
 
     def _check_vreason(self, config: VReasonConfig) -> None:
         if self.vreason_unsupported is not None:
@@ -354,7 +379,8 @@ class Engine:
         """The engine resources one steered choice holds while it runs (a capture row, vector
         slots, a telemetry trace); yields its `extra_args`, its cache salt (None: it may
         share prefix-cache blocks with anyone) and its trace."""
-        vectors = [(spec.vector, *self._vector_version(spec.vector)) for spec in options.east]
+        specs = options.east + options.gate_east
+        vectors = [(spec.vector, *self._vector_version(spec.vector)) for spec in specs]
         capture_row = options.needs_capture_row
         if capture_row:  # the engine keeps a fixed number of capture rows per step
             await self._capture_slots.acquire()
@@ -362,8 +388,8 @@ class Engine:
         try:
             east_slots = await self._slots.acquire(vectors) if vectors else []
             salt = None
-            if options.vreason is not None:  # its value cache is edited: never share it
-                salt = request_id
+            if options.vreason is not None or options.gate_east:
+                salt = request_id  # its KV cache depends on its own tokens' entropy
             elif options.east:  # steered KV cache must never be shared with other requests
                 salt = _steering_fingerprint(options.east, vectors)
             yield _extra_args(options, request_id, east_slots), salt, trace
@@ -402,6 +428,7 @@ class Engine:
         with _engine_errors():
             async with self._steered(request_id, options) as (extra_args, salt, trace):
                 params = self._sampling_params(options, extra_args)
+                _hand_sampling_to_gates(params, options)
                 prompt = {"prompt_token_ids": prompt_token_ids}
                 if salt is not None:
                     prompt["cache_salt"] = salt
@@ -548,8 +575,20 @@ def _extra_args(options: SamplingOptions, steer_id: str, east_slots: list[int]) 
     """The engine encoding of a choice's steering (`SamplingParams.extra_args`, read by the
     logits processors and the worker extension)."""
     extra_args = {ExtraArgs.STEER_ID: steer_id}
-    if options.typical_p is not None and options.typical_p < 1:
+    if options.typical_p is not None and options.typical_p < 1 and not options.gated:
         extra_args[ExtraArgs.TYPICAL_P] = options.typical_p
+    if options.gates:
+        extra_args[ExtraArgs.GATES] = [
+            [int(g.signal), g.above, g.below, g.hold, g.ema,
+             [[int(action), value] for action, value in g.then]]
+            for g in (spec.gate for spec in options.gates)]
+        gate_slots = iter(east_slots[len(options.east):])  # one per gate with an EAST action
+        gate_east = []
+        for spec in options.gates:
+            slot = next(gate_slots) if spec.east is not None else None
+            gate_east.append([] if slot is None else
+                             [[slot, spec.east.scale, layer] for layer in spec.east.layers])
+        extra_args[ExtraArgs.GATE_EAST] = gate_east
     if options.capturing:
         extra_args[ExtraArgs.CAPTURE] = True
     if options.vreason is not None:
@@ -559,6 +598,21 @@ def _extra_args(options: SamplingOptions, steer_id: str, east_slots: list[int]) 
             [slot, spec.scale, layer, int(spec.all_positions)]
             for slot, spec in zip(east_slots, options.east) for layer in spec.layers]
     return extra_args
+
+
+def _hand_sampling_to_gates(params, options: SamplingOptions) -> None:
+    """A gated choice reaches vLLM at temperature 1 with min-p and top-k off, so that the gate
+    processor sees the T = 1 distribution (after penalties) and applies the choice's own
+    temperature, min-p, typical and top-k itself, with the gates' actions (top-p stays
+    vLLM's). A greedy choice (temperature 0) becomes a sampled row whose chain keeps only the
+    argmax, unless a gate's temperature holds."""
+    if not options.gated:
+        return
+    spread, exponent = options.dynatemp if options.dynatemp is not None else (None, 1.0)
+    params.extra_args[ExtraArgs.SAMPLING] = [
+        params.temperature, params.min_p, options.typical_p or 1.0, max(params.top_k, 0),
+        spread, exponent]
+    params.temperature, params.min_p, params.top_k = 1.0, 0.0, 0
 
 
 @contextlib.contextmanager
@@ -714,6 +768,7 @@ class SteeringClient:
             async with engine._steered(request_id, steering) as (extra_args, salt, trace):
                 record = session.choices[index] = ChoiceRecord(steering, trace)
                 params.extra_args.update(extra_args)
+                _hand_sampling_to_gates(params, steering)
                 if salt is not None:
                     user_salt = prompt.get("cache_salt")
                     prompt = {**prompt, "cache_salt": f"{user_salt}:{salt}" if user_salt

@@ -9,13 +9,15 @@ vLLM (`SamplingParams.extra_args`) is the engine wrapper's business (`server.eng
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from server.engine import EastSpec, SamplingOptions
+from server.engine import EastSpec, GateSpec, SamplingOptions
+from steering.gates import Action, Gate, Signal
 from steering.particles import StepReport
+from steering.vllm_adapter.telemetry import GateStep
 from steering.vreason import VReasonConfig
 
 
@@ -27,6 +29,7 @@ class Outcome:
     decision: Any = None  # DiffAdapt's `Decision`
     hidden_states: dict | None = None
     vreason: dict | None = None
+    gate_steps: list[GateStep | None] = field(default_factory=list)  # per generated token
 
 
 class Report(BaseModel):
@@ -232,6 +235,96 @@ class HiddenStates(Method):
         return {str(k): v for k, v in outcome.hidden_states.items()}
 
 
+class GateReport(Report):
+    """One gate over a choice's generated tokens (indices into them)."""
+
+    signal: str
+    then: dict[str, Any]  # its action, as the request gave it
+    fired_count: int
+    fired: list[int]  # tokens whose distribution met the condition
+    values: list[float]  # the signal at each of those tokens
+    held: list[int]  # tokens its action was on for (its sampling actions acted on these)
+
+
+class GatesReport(Report):
+    gates: list[GateReport]
+    east_tokens: list[int]  # tokens whose forward pass a gate's EAST vector steered
+
+
+_GATE_ACTIONS = {"temperature": Action.TEMPERATURE, "typical_p": Action.TYPICAL_P,
+                 "top_k": Action.TOP_K, "min_p": Action.MIN_P}
+
+
+class Gates(Method):
+    """Closed-loop entropy gates (`steering.gates`): actions switched on by each token's live
+    entropy, varentropy or entropy EMA, inside the batch."""
+
+    name = "gates"
+    section = GatesReport
+
+    def options(self, request) -> tuple[tuple[GateSpec, ...], list[dict]] | None:
+        gates = request.steering.gates if request.steering else None
+        if not gates:
+            return None
+        specs = []
+        for g in gates:
+            then = g.then
+            actions = [(action, float(getattr(then, name)))
+                       for name, action in _GATE_ACTIONS.items() if getattr(then, name) is not None]
+            east = None
+            if then.east is not None:
+                actions.append((Action.EAST, 1.0))
+                east = EastSpec(vector=then.east.vector, scale=then.east.scale,
+                                layers=tuple(then.east.layers) if then.east.layers else None)
+            specs.append(GateSpec(Gate(Signal[g.signal.upper()], g.above, g.below, g.hold,
+                                       0.9 if g.ema is None else g.ema, tuple(actions)), east))
+        return tuple(specs), [g.then.model_dump(exclude_none=True) for g in gates]
+
+    def steer(self, options, steering: SamplingOptions) -> SamplingOptions:
+        return replace(steering, gates=options[0])
+
+    def report(self, options, outcome: Outcome) -> dict | None:
+        steps = outcome.gate_steps
+        if not steps:  # a particle-filter run: its steps' gates are not collected
+            return None
+        gates = []
+        for g, (spec, then) in enumerate(zip(outcome.ran.gates, options[1])):
+            fired = [i for i, s in enumerate(steps) if s and s.fired >> g & 1]
+            gates.append({"signal": spec.gate.signal.name.lower(), "then": then,
+                          "fired_count": len(fired), "fired": fired,
+                          "values": [steps[i].signals[g] for i in fired],
+                          "held": [i for i, s in enumerate(steps) if s and s.on >> g & 1]})
+        # the EAST decision at token i steers the forward pass that yields token i + 1
+        east = [i + 1 for i, s in enumerate(steps[:-1]) if s and s.east >= 0]
+        return {"gates": gates, "east_tokens": east}
+
+
+class DynatempReport(Report):
+    range: float
+    exponent: float
+    # each token's, a gate's temperature action included (empty for a particle-filter run,
+    # whose steps' temperatures are not collected)
+    temperatures: list[float | None]
+
+
+class Dynatemp(Method):
+    """Entropy-scaled temperature (llama.cpp's dynamic temperature, `steering.gates`)."""
+
+    name = "dynatemp"
+    section = DynatempReport
+
+    def options(self, request) -> tuple[float, float] | None:
+        dynatemp = request.steering.dynatemp if request.steering else None
+        return (dynatemp.range, dynatemp.exponent) if dynatemp is not None else None
+
+    def steer(self, options, steering: SamplingOptions) -> SamplingOptions:
+        return replace(steering, dynatemp=options)
+
+    def report(self, options, outcome: Outcome) -> dict:
+        return {"range": options[0], "exponent": options[1],
+                "temperatures": [s.temperature if s else None for s in outcome.gate_steps]}
+
+
 # Report order; `methods` lists the listed ones alphabetically, as the metric label does.
-METHODS: tuple[Method, ...] = (DiffAdapt(), Typical(), East(), VReason(), Particles(),
-                               HiddenStates())
+METHODS: tuple[Method, ...] = (DiffAdapt(), Typical(), Dynatemp(), Gates(), East(), VReason(),
+                               Particles(), HiddenStates())

@@ -61,6 +61,11 @@ class SteerMetrics:
             "steer_steered_tokens", "Generated tokens whose residual stream was steered (EAST)",
             LABELS, registry=registry,
         )
+        self.gate_fired_tokens = Counter(
+            "steer_gate_fired_tokens", "Generated tokens at which an entropy gate fired, by "
+            "the action it switches on (a gate with two actions counts for both)",
+            ("model", "action"), registry=registry,
+        )
         self.difficulty = Counter(
             "steer_difficulty_class", "Questions by the difficulty class a DiffAdapt probe gave "
             "them", ("model", "difficulty"), registry=registry,
@@ -106,6 +111,14 @@ class SteerMetrics:
         """A request that ended in `exc`: its HTTP status (499: the client went away)."""
         default = 499 if isinstance(exc, asyncio.CancelledError) else 500
         self.request_errors.labels(model, method, str(getattr(exc, "status", default))).inc()
+
+    def observe_gates(self, model: str, gates, steps) -> None:
+        """A finished choice's gate firings (`GateSpec`s, its per-token `GateStep`s)."""
+        for g, spec in enumerate(gates):
+            fired = sum(1 for s in steps if s and s.fired >> g & 1)
+            if fired:
+                for action, _ in spec.gate.then:
+                    self.gate_fired_tokens.labels(model, action.name.lower()).inc(fired)
 
     def observe_tokens(self, model: str, method: str, entropy, varentropy) -> None:
         h = self.token_entropy.labels(model, method)

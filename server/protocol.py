@@ -20,6 +20,7 @@ MAX_EAST_SCALE = 1000.0
 MAX_VECTOR_VALUES = 65536
 MAX_PARTICLES = 64
 MAX_PARTICLE_STEPS = 256
+MAX_GATES = 4  # steering.gates.MAX_GATES: the engine's per-row gate table is this wide
 MAX_VREASON_STEPS = 64  # the schema's ceiling; `steer serve --vreason-max-steps` sets the limit
 
 
@@ -106,6 +107,58 @@ class ParticleOptions(StrictModel):
     return_particles: bool = False
 
 
+class GateAction(StrictModel):
+    """What a gate does while it holds. Sampling fields act on the token whose distribution
+    fired the gate; `east` from the next forward pass (the token after it)."""
+
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    typical_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    east: EastOptions | None = None
+
+    @model_validator(mode="after")
+    def _some_action(self):
+        if all(getattr(self, f) is None for f in type(self).model_fields):
+            raise ValueError("a gate's 'then' needs at least one action")
+        return self
+
+
+class GateOptions(StrictModel):
+    """A closed-loop gate: fires at a generated token when its signal, measured on the model's
+    own next-token distribution (T = 1, full vocabulary, before truncation), is above `above`
+    and/or below `below`; its action then holds for `hold` tokens."""
+
+    signal: Literal["entropy", "varentropy", "entropy_ema"]
+    ema: Annotated[float, Field(ge=0, lt=1, description=(
+        "EMA coefficient c (entropy_ema only; default 0.9): ema_i = c·ema_{i-1} + (1-c)·H_i"
+    ))] | None = None
+    above: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    below: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    hold: Annotated[int, Field(ge=1, le=4096, description=(
+        "tokens the action stays on after the gate last fired"))] = 1
+    then: GateAction
+
+    @model_validator(mode="after")
+    def _condition(self):
+        if self.above is None and self.below is None:
+            raise ValueError("a gate needs 'above', 'below' or both")
+        if self.above is not None and self.below is not None and self.above >= self.below:
+            raise ValueError("with both, 'above' must be less than 'below' (a band)")
+        if self.ema is not None and self.signal != "entropy_ema":
+            raise ValueError("'ema' is only for signal 'entropy_ema'")
+        return self
+
+
+class DynatempOptions(StrictModel):
+    """Entropy-scaled temperature (llama.cpp's dynamic temperature): each token's temperature
+    is T_min + (T_max - T_min)·(H / log n)^exponent with T_min = max(0, T - range),
+    T_max = T + range, H the entropy at T = 1 and n the tokens with a finite logit."""
+
+    range: Annotated[float, Field(ge=0, le=2)]
+    exponent: Annotated[float, Field(ge=0, le=16)] = 1.0
+
+
 class SteeringOptions(StrictModel):
     """Per-request steering methods and reporting."""
 
@@ -116,6 +169,10 @@ class SteeringOptions(StrictModel):
     return_entropy: bool = Field(
         default=False, description="add per-token entropy and varentropy lists to the response"
     )
+    gates: Annotated[list[GateOptions], Field(min_length=1, max_length=MAX_GATES)] | None = \
+        Field(default=None, description="evaluated at every generated token, independently; "
+              "for each action field the first gate (in this order) that holds wins")
+    dynatemp: DynatempOptions | None = None
     diffadapt: DiffAdaptOptions | None = None
     particles: ParticleOptions | None = None
     vreason: VReasonOptions | None = None

@@ -217,15 +217,22 @@ async def _steered(dialect: Dialect, state: ServerState, body: GenerationRequest
         record = session.record(index)
         entropy, varentropy = record.window(0)
         outcome = Outcome(record.steering, decisions[index // n] if decisions else None,
-                          record.hidden_states, record.vreason)
+                          record.hidden_states, record.vreason,
+                          record.trace.gates[:record.produced])
         return steering_report(plan, outcome, entropy, varentropy)
 
     def finished(index: int) -> None:
         record = session.record(index)
         entropy, varentropy = record.window(0)
         metrics.observe_tokens(*labels, entropy, varentropy)
+        steps = record.trace.gates[:record.produced]
         if plan.get("east"):
             metrics.steered_tokens.labels(*labels).inc(record.produced)
+        elif record.steering.gate_east:  # the tokens a gate's vector steered (see Gates.report)
+            metrics.steered_tokens.labels(*labels).inc(
+                sum(1 for s in steps[:-1] if s and s.east >= 0))
+        if plan.get("gates"):
+            metrics.observe_gates(state.model_name, record.steering.gates, steps)
 
     def request_done() -> None:
         firsts = [r.first_token_at for r in session.choices.values() if r.first_token_at]

@@ -38,6 +38,9 @@ class RequestSteering:
     prompt_len: int
     capture: bool = False
     key: str = ""
+    # per closed-loop gate, the vector uses of its EAST action (`steering.gates`): applied at
+    # generated positions only, in the steps the gate processor says that gate's action holds
+    gated: tuple[tuple[VectorUse, ...], ...] = ()
 
     def first_steered_position(self, use: VectorUse) -> int:
         return 0 if use.all_positions else max(self.prompt_len - 1, 0)
@@ -52,18 +55,22 @@ class RequestSteering:
 
 def fill_coefficients(
     coefficients: np.ndarray,
-    steered: list[tuple[RequestSteering, int, int, int]],
+    steered: list[tuple[RequestSteering, int, int, int, int]],
 ) -> None:
     """Write one step's coefficients (layers, tokens, slots), zero elsewhere is the caller's.
 
-    steered: (steering, first token row, end token row, positions computed before the step)
-    for each steered request of the step. Token row r of a request sits at sequence position
-    computed + (r - first row).
+    steered: (steering, first token row, end token row, positions computed before the step,
+    the gate whose EAST action holds or -1) for each steered request of the step. Token row r
+    of a request sits at sequence position computed + (r - first row).
     """
-    for steering, start, end, computed in steered:
+    for steering, start, end, computed, gate in steered:
         for use in steering.uses:
             first = start + max(steering.first_steered_position(use) - computed, 0)
             if first < end:
+                coefficients[use.layer, first:end, use.slot] += use.scale
+        if gate >= 0:
+            first = start + max(steering.prompt_len - computed, 0)
+            for use in steering.gated[gate] if first < end else ():
                 coefficients[use.layer, first:end, use.slot] += use.scale
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import msgspec
 import zmq
@@ -20,12 +21,30 @@ import zmq.asyncio
 
 
 class StepTelemetry(msgspec.Struct, array_like=True):
-    """One engine step: parallel lists, one entry per telemetered row."""
+    """One engine step: parallel lists, one entry per telemetered row. The gate processor's
+    messages add, per row, the temperature the token was sampled at, the gates that fired and
+    those on at it (bit g: gate g), the gate whose EAST action steers the next token (-1:
+    none) and each gate's signal value."""
 
     ids: list[str]
     positions: list[int]
     entropy: list[float]
     varentropy: list[float]
+    temperature: list[float] = []
+    fired: list[int] = []
+    on: list[int] = []
+    east: list[int] = []
+    signals: list[list[float]] = []
+
+
+class GateStep(NamedTuple):
+    """What the gates did at one token (`StepTelemetry`'s gate fields)."""
+
+    temperature: float
+    fired: int
+    on: int
+    east: int
+    signals: list[float]
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -55,19 +74,15 @@ class EntropyTrace:
 
     entropy: list[float] = field(default_factory=list)
     varentropy: list[float] = field(default_factory=list)
+    gates: list[GateStep | None] = field(default_factory=list)  # gated requests only
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def record(self, position: int, entropy: float, varentropy: float) -> None:
-        if position > len(self.entropy):  # a gap would mean a lost message: keep positions aligned
-            pad = position - len(self.entropy)
-            self.entropy.extend([math.nan] * pad)
-            self.varentropy.extend([math.nan] * pad)
-        if position == len(self.entropy):
-            self.entropy.append(entropy)
-            self.varentropy.append(varentropy)
-        else:
-            self.entropy[position] = entropy
-            self.varentropy[position] = varentropy
+    def record(self, position: int, entropy: float, varentropy: float,
+               gate: GateStep | None = None) -> None:
+        _put(self.entropy, position, entropy, math.nan)
+        _put(self.varentropy, position, varentropy, math.nan)
+        if gate is not None:
+            _put(self.gates, position, gate, None)
         self._changed.set()
 
     def window(self, start: int, stop: int) -> tuple[list[float | None], list[float | None]]:
@@ -92,6 +107,17 @@ class EntropyTrace:
             except TimeoutError:
                 return len(self.entropy) >= count
         return True
+
+
+def _put(values: list, position: int, value, missing) -> None:
+    """values[position] = value; a gap (a lost message) is filled with `missing` so that
+    positions stay aligned."""
+    if position > len(values):
+        values.extend([missing] * (position - len(values)))
+    if position == len(values):
+        values.append(value)
+    else:
+        values[position] = value
 
 
 class TelemetryCollector:
@@ -121,12 +147,15 @@ class TelemetryCollector:
         while True:
             step = _decoder.decode(await self._socket.recv(copy=False))
             traces = self._traces
-            for steer_id, position, h, v in zip(
-                step.ids, step.positions, step.entropy, step.varentropy
+            gates = (map(GateStep, step.temperature, step.fired, step.on, step.east,
+                         step.signals)
+                     if step.temperature else [None] * len(step.ids))
+            for steer_id, position, h, v, gate in zip(
+                step.ids, step.positions, step.entropy, step.varentropy, gates
             ):
                 trace = traces.get(steer_id)
                 if trace is not None:
-                    trace.record(position, h, v)
+                    trace.record(position, h, v, gate)
 
     def close(self) -> None:
         if self._task is not None:

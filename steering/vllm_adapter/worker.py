@@ -15,7 +15,7 @@ import torch
 
 from steering.east import fill_coefficients
 from steering.vllm_adapter.layer_steering import final_norm
-from steering.vllm_adapter.logits_processors import SteeringRowsProcessor
+from steering.vllm_adapter.logits_processors import GateProcessor, SteeringRowsProcessor
 from steering.vllm_adapter.vreason import ValueCacheTuner
 
 
@@ -25,8 +25,9 @@ class _StepFiller:
     def __init__(self, runner, table) -> None:
         self.runner = runner
         self.table = table
-        self.rows_processor = next(
-            p for p in runner.input_batch.logitsprocs.all if isinstance(p, SteeringRowsProcessor))
+        processors = list(runner.input_batch.logitsprocs.all)  # an iterator
+        self.rows_processor = next(p for p in processors if isinstance(p, SteeringRowsProcessor))
+        self.gate_processor = next(p for p in processors if isinstance(p, GateProcessor))
         on_host = table.coefficients.device.type == "cpu"
         self.host = table.coefficients if on_host else torch.zeros_like(
             table.coefficients, device="cpu", pin_memory=True)
@@ -46,9 +47,11 @@ class _StepFiller:
         ib = self.runner.input_batch
         qsl = self.runner.query_start_loc.np
         computed = ib.num_computed_tokens_cpu
-        steered = [(steering, int(qsl[i]), int(qsl[i + 1]), int(computed[i]))
+        east_gate = self.gate_processor.east_gate
+        steered = [(steering, int(qsl[i]), int(qsl[i + 1]), int(computed[i]),
+                    int(east_gate[i]) if steering.gated else -1)
                    for i, steering in rows.items() if i < ib.num_reqs]
-        end = max((e for _, _, e, _ in steered), default=0)
+        end = max((e for _, _, e, _, _ in steered), default=0)
         span = max(end, self.used)
         if span:
             block = self.scratch[:, :span]
@@ -60,7 +63,7 @@ class _StepFiller:
         self.used = end
         self.capturing = []
         capture_rows = []
-        for steering, start, stop, done in steered:
+        for steering, start, stop, done, _ in steered:
             row = steering.capture_row(start, stop, done)
             if row is not None and len(capture_rows) < self.table.capture_rows.numel():
                 self.capturing.append((steering.key, len(capture_rows)))

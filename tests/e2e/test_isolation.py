@@ -35,6 +35,14 @@ KINDS = {  # name → the request's sampling and steering; seeded or greedy, so 
     "vreason every 4": {"temperature": 0, "steering": {"vreason": {"every": 4}, **ENTROPY}},
     "vreason lr 0.2": {"temperature": 0, "steering": {
         "vreason": {"every": 3, "lr": 0.2, "positions": "context"}, **ENTROPY}},
+    "gate entropy→T": {"temperature": 1.0, "seed": 15, "steering": {"gates": [
+        {"signal": "entropy", "above": 2.5, "hold": 2, "then": {"temperature": 0.3}}],
+        **ENTROPY}},
+    "gate ema→east": {"temperature": 0, "steering": {"gates": [
+        {"signal": "entropy_ema", "ema": 0.5, "below": 2.0,
+         "then": {"east": {"vector": "explore", "scale": 6.0}}}], **ENTROPY}},
+    "dynatemp 0.5": {"temperature": 0.8, "seed": 16, "steering": {"dynatemp": {"range": 0.5},
+                                                                   **ENTROPY}},
 }
 FLOAT_TOLERANCE = 2e-3  # batched float32 GEMMs against one-row ones, in nats and state units
 
@@ -99,6 +107,8 @@ def test_every_method_keeps_to_its_rows_in_a_shared_batch(server):
     assert reports["capture 20"]["hidden_states"].keys() == {"20"}
     assert reports["vreason every 4"]["vreason"]["updates"]
     assert reports["vreason lr 0.2"]["vreason"]["updates"]
+    assert reports["gate entropy→T"]["gates"]["gates"][0]["fired"]
+    assert reports["gate ema→east"]["gates"]["east_tokens"]
     for kind in KINDS:
         if "token_entropy" in reports[kind]:
             assert None not in reports[kind]["token_entropy"], kind

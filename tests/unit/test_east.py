@@ -23,7 +23,7 @@ def test_generated_positions_start_at_the_last_prompt_token():
     prefill = RequestSteering((VectorUse(slot=0, scale=2.0, layer=1),), prompt_len=5)
     decode = RequestSteering((VectorUse(1, -1.5, 0, all_positions=True),
                               VectorUse(0, 0.5, 2, all_positions=True)), prompt_len=4)
-    fill_coefficients(coeff, [(prefill, 0, 5, 0), (decode, 5, 6, 9)])
+    fill_coefficients(coeff, [(prefill, 0, 5, 0, -1), (decode, 5, 6, 9, -1)])
     assert coeff[1, :5, 0].tolist() == [0, 0, 0, 0, 2.0]
     assert coeff[0, 5, 1] == -1.5 and coeff[2, 5, 0] == 0.5
     assert np.count_nonzero(coeff) == 3
@@ -32,10 +32,22 @@ def test_generated_positions_start_at_the_last_prompt_token():
 def test_chunked_prefill_steers_only_the_chunk_holding_generated_positions():
     coeff = np.zeros((1, 8, 1), dtype=np.float32)
     steering = RequestSteering((VectorUse(0, 1.0, 0),), prompt_len=10)
-    fill_coefficients(coeff, [(steering, 0, 4, 0)])  # prompt tokens 0-3: none steered
+    fill_coefficients(coeff, [(steering, 0, 4, 0, -1)])  # prompt tokens 0-3: none steered
     assert not coeff.any()
-    fill_coefficients(coeff, [(steering, 0, 6, 4)])  # tokens 4-9: the last one is steered
+    fill_coefficients(coeff, [(steering, 0, 6, 4, -1)])  # tokens 4-9: the last one is steered
     assert coeff[0, :, 0].tolist() == [0, 0, 0, 0, 0, 1.0, 0, 0]
+
+
+def test_a_gated_vector_steers_generated_positions_only_while_its_gate_holds():
+    coeff = np.zeros((2, 8, 2), dtype=np.float32)
+    steering = RequestSteering((), prompt_len=4, gated=((VectorUse(1, 3.0, 1),),
+                                                         (VectorUse(0, -2.0, 0),)))
+    # a recomputed sequence (after preemption): prompt positions 0-3, generated position 4
+    fill_coefficients(coeff, [(steering, 0, 5, 0, 0)])
+    assert coeff[1, :, 1].tolist() == [0, 0, 0, 0, 3.0, 0, 0, 0]
+    coeff.fill(0)
+    fill_coefficients(coeff, [(steering, 2, 3, 6, 1), (steering, 3, 4, 6, -1)])  # decoding
+    assert coeff[0, 2, 0] == -2.0 and np.count_nonzero(coeff) == 1
 
 
 def test_capture_row_is_the_last_prompt_token_when_this_step_computes_it():
@@ -49,7 +61,7 @@ def test_capture_row_is_the_last_prompt_token_when_this_step_computes_it():
 def test_same_vector_twice_adds_up():
     coeff = np.zeros((1, 2, 1), dtype=np.float32)
     steering = RequestSteering((VectorUse(0, 1.0, 0), VectorUse(0, 2.5, 0)), prompt_len=1)
-    fill_coefficients(coeff, [(steering, 0, 2, 0)])
+    fill_coefficients(coeff, [(steering, 0, 2, 0, -1)])
     assert coeff[0, :, 0].tolist() == [3.5, 3.5]
 
 

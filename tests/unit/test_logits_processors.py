@@ -67,3 +67,62 @@ def test_entropy_trace_window_marks_unmeasured_positions():
     trace.record(2, 3.0, 4.0)  # position 1 was never reported
     assert trace.window(0, 4) == ([1.0, None, 3.0, None], [2.0, None, 4.0, None])
     assert trace.window(2, 3) == ([3.0], [4.0])
+
+
+GATE_CONFIG = SimpleNamespace(additional_config={},
+                              scheduler_config=SimpleNamespace(max_num_seqs=4))
+
+
+def gated_params(temperature: float, gates: list, top_k: int = 0, seed: int | None = None):
+    """A gated request's parameters as the engine wrapper hands them to vLLM."""
+    from server.engine import GateSpec, SamplingOptions, _extra_args, _hand_sampling_to_gates
+
+    options = SamplingOptions(max_tokens=8, temperature=temperature, top_k=top_k,
+                              gates=tuple(GateSpec(g) for g in gates))
+    p = SamplingParams(temperature=temperature, top_k=top_k, seed=seed,
+                       extra_args=_extra_args(options, "r", []))
+    _hand_sampling_to_gates(p, options)
+    return p
+
+
+def test_the_engine_encoding_decodes_to_the_same_gates_and_hands_vllm_unit_temperature():
+    from steering.gates import Action, Gate, Signal
+    from steering.vllm_adapter.logits_processors import decode_gated_row
+
+    gates = [Gate(Signal.ENTROPY_EMA, above=1.5, hold=3, ema=0.8,
+                  then=((Action.TEMPERATURE, 0.2), (Action.TOP_K, 4))),
+             Gate(Signal.VARENTROPY, below=0.5, then=((Action.MIN_P, 0.1),))]
+    p = gated_params(0.5, gates, top_k=7)
+    assert (p.temperature, p.top_k, p.min_p) == (1.0, 0, 0.0)
+    row = decode_gated_row(p.extra_args)
+    assert row.gates == tuple(gates)
+    assert (row.sampling.temperature, row.sampling.top_k, row.sampling.typical_p) == (0.5, 7, 1)
+    greedy = decode_gated_row(gated_params(0.0, gates).extra_args)
+    assert greedy.sampling.temperature == 0.0
+
+
+def test_the_gate_processor_follows_the_batch_and_applies_the_core():
+    from steering.gates import Action, Gate, GatedRow, GateTable, Sampling, Signal, sample_chain
+    from steering.vllm_adapter.logits_processors import GateProcessor
+
+    hot = Gate(Signal.ENTROPY, above=-1.0, hold=1, then=((Action.EAST, 1.0),))  # always fires
+    cold = Gate(Signal.ENTROPY, above=1e9, then=((Action.TEMPERATURE, 0.1),))  # never
+    proc = GateProcessor(GATE_CONFIG, torch.device("cpu"), False)
+    outputs = {0: [], 2: [1, 2]}
+    proc.update_state(BatchUpdate(batch_size=3, removed=[], moved=[], added=[
+        (0, gated_params(0.7, [cold]), None, outputs[0]), (1, params(), None, []),
+        (2, gated_params(1.0, [cold, hot]), None, outputs[2])]))
+    proc.update_state(update(3, moved=[(0, 2, MoveDirectionality.SWAP)]))
+    assert sorted(proc.rows) == [0, 2] and proc.rows[0].output_token_ids == [1, 2]
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(4))
+    out = proc.apply(logits.clone())
+    assert torch.equal(out[1], logits[1])  # not a gated row
+    reference = GateTable(2)
+    reference.set_row(0, GatedRow(Sampling(temperature=1.0), (cold, hot)))
+    reference.set_row(1, GatedRow(Sampling(temperature=0.7), (cold,)))
+    chosen = logits[[0, 2]].clone()
+    sample_chain(chosen, reference.step(torch.tensor([0, 1]), torch.tensor([2, 0]), chosen))
+    assert torch.equal(out[[0, 2]], chosen)
+    assert proc.east_gate[:3].tolist() == [1, -1, -1]  # row 0's second gate steers next
+    proc.update_state(update(3, moved=[(0, 1, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert proc.east_gate[1] == 1
