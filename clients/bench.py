@@ -44,6 +44,10 @@ SCENARIOS = {
     "steer, per-token entropy": ("steer", {"steering": {"return_entropy": True}}),
     "steer, typical_p=0.9 on all": ("steer", {"typical_p": 0.9}),
     "steer, EAST on all": ("steer", {"steering": {"east": {"vector": "bench", "scale": 4.0}}}),
+    "steer, two gates on all": ("steer", {"steering": {"gates": [
+        {"signal": "entropy", "above": 3.0, "hold": 2, "then": {"temperature": 0.7}},
+        {"signal": "entropy_ema", "ema": 0.8, "below": 1.5,
+         "then": {"east": {"vector": "bench", "scale": 4.0}}}]}}),
 }
 BENCH_LAYER = 15
 

@@ -218,3 +218,30 @@ def test_each_particles_steps_are_gated(http):
     ungated = complete(http, temperature=1.5, seed=2, max_tokens=16, steering={
         "particles": {"n": 3, "max_steps": 2, "return_particles": True}})
     assert len({p["text"] for p in ungated["steering"]["particles"]["particles"]}) > 1
+
+
+def test_a_grammar_still_binds_a_gated_request(http):
+    """vLLM applies the structured-output mask before any logits processor: a gate that heats
+    every token to T = 2 still only ever picks an allowed continuation."""
+    for seed in range(3):
+        choice = complete(http, prompt="My favourite colour is", temperature=1.0, seed=seed,
+                          max_tokens=8, ignore_eos=False,
+                          structured_outputs={"choice": ["red", "green", "blue"]},
+                          steering={"gates": [{**ALWAYS, "then": {"temperature": 2.0}}]})
+        assert choice["text"] in {"red", "green", "blue"}
+        assert choice["steering"]["gates"]["gates"][0]["fired"]
+
+
+def test_gates_combine_with_diffadapt_and_typical(http):
+    r = http.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "What is 2 + 3?"}],
+        "max_tokens": 16, "seed": 1, "typical_p": 0.9,
+        "steering": {"diffadapt": {"probe": "default"}, "dynatemp": {"range": 0.3},
+                     "gates": [{"signal": "entropy", "above": 1.0, "then": {"top_k": 5}}]}})
+    assert r.status_code == 200, r.text
+    report = r.json()["choices"][0]["steering"]
+    assert report["methods"] == ["diffadapt", "dynatemp", "gates", "typical"]
+    strategy = report["diffadapt"]["strategy"]["temperature"]
+    temperatures = report["dynatemp"]["temperatures"]  # around DiffAdapt's chosen temperature
+    assert temperatures and all(max(0, strategy - 0.3) - 1e-6 <= t <= strategy + 0.3 + 1e-6
+                                for t in temperatures)
