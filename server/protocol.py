@@ -121,6 +121,8 @@ class GateAction(StrictModel):
     def _some_action(self):
         if all(getattr(self, f) is None for f in type(self).model_fields):
             raise ValueError("a gate's 'then' needs at least one action")
+        if self.east is not None and self.east.positions != "generated":
+            raise ValueError("a gate's EAST action steers generated positions only")
         return self
 
 

@@ -51,6 +51,11 @@ def test_unknown_fields_are_kept_aside_and_named():
     ({"n": 17}, "n"),
     ({"typical_p": 0}, "typical_p"),
     ({"typical_p": "0.5"}, "typical_p"),
+    ({"steering": {"gates": [{"signal": "entropy", "above": 1, "then": {
+        "east": {"vector": "v", "positions": "all"}}}]}}, "steering.gates.0.then"),
+    ({"steering": {"gates": [{"signal": "entropy_ema", "ema": 1.0, "below": 1, "then": {
+        "top_k": 2}}]}}, "steering.gates.0.ema"),
+    ({"steering": {"dynatemp": {"range": -0.1}}}, "steering.dynatemp.range"),
 ])
 def test_extensions_are_checked(body, param):
     assert refusal(ChatCompletionRequest, {"messages": CHAT, **body}).param == param
@@ -121,6 +126,34 @@ def test_plan_reads_every_method_once_and_reports_each():
     SteeringReport.model_validate(report)  # the schema /openapi.json publishes
     plain = Plan.of(ChatCompletionRequest.model_validate({"messages": CHAT, "typical_p": 1}))
     assert plain.methods == () and plain.label == "none"  # τ = 1 is no typical sampling
+
+
+def test_the_gates_report_reads_each_tokens_gate_step():
+    from server.generation import Plan, SteeringReport, steering_report
+    from server.methods import Outcome
+    from steering.vllm_adapter.telemetry import GateStep
+
+    request = CompletionRequest.model_validate({"prompt": "x", "steering": {
+        "dynatemp": {"range": 0.5},
+        "gates": [{"signal": "entropy", "above": 2.0, "hold": 2, "then": {"temperature": 0.3}},
+                  {"signal": "varentropy", "below": 1.0, "then": {
+                      "east": {"vector": "v", "scale": 3.0}}}]}})
+    plan = Plan.of(request)
+    assert plan.methods == ("dynatemp", "gates") and not plan.not_with_particles()
+    steps = [GateStep(0.3, 0b01, 0b01, -1, [2.5, 0.4]), GateStep(0.3, 0b10, 0b11, 1, [1.5, 0.2]),
+             None, GateStep(1.1, 0, 0, -1, [1.0, 3.0])]  # token 2 never measured
+    report = steering_report(plan, Outcome(plan.engine_steering(), gate_steps=steps),
+                             [2.5, 1.5, None, 1.0], [0.4, 0.2, None, 3.0])
+    assert report["gates"] == {"gates": [
+        {"signal": "entropy", "then": {"temperature": 0.3}, "fired_count": 1, "fired": [0],
+         "values": [2.5], "held": [0, 1]},
+        {"signal": "varentropy", "then": {"east": {"vector": "v", "scale": 3.0,
+                                                   "positions": "generated"}},
+         "fired_count": 1, "fired": [1], "values": [0.2], "held": [1]}],
+        "east_tokens": [2]}  # token 1's firing steers the pass that yields token 2
+    assert report["dynatemp"] == {"range": 0.5, "exponent": 1.0,
+                                  "temperatures": [0.3, 0.3, None, 1.1]}
+    SteeringReport.model_validate(report)
 
 
 @pytest.mark.parametrize("field,value", [("n", True), ("max_tokens", "5"), ("stream", "yes"),
