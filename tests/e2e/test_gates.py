@@ -7,7 +7,9 @@ EAST vector steers exactly the forward passes after a firing."""
 import math
 
 import pytest
+import torch
 
+from steering.entropy import entropy_varentropy
 from tests.prometheus import metric
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -245,3 +247,56 @@ def test_gates_combine_with_diffadapt_and_typical(http):
     temperatures = report["dynatemp"]["temperatures"]  # around DiffAdapt's chosen temperature
     assert temperatures and all(max(0, strategy - 0.3) - 1e-6 <= t <= strategy + 0.3 + 1e-6
                                 for t in temperatures)
+
+
+def hf_logits(hf_model, token_ids: list[int], steer=None) -> torch.Tensor:
+    """HF's logits at every position of `token_ids`; `steer` = (vector, scale, layer,
+    positions) adds scale * vector to that layer's output at those positions only."""
+    model, _ = hf_model
+    hook = None
+    if steer is not None:
+        vector, scale, layer, positions = steer
+
+        def add(module, args, output):
+            hidden = (output[0] if isinstance(output, tuple) else output).clone()
+            hidden[0, positions] += scale * vector
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        hook = model.model.layers[layer].register_forward_hook(add)
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([token_ids])).logits[0]
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def test_dynamic_temperature_matches_llama_cpps_formula_on_hf_logits(http, hf_model):
+    """Each token's temperature, from HF's entropy of the same prefix (teacher-forced)."""
+    choice = complete(http, temperature=0.7, seed=31, max_tokens=16,
+                      steering={"dynatemp": {"range": 0.4, "exponent": 1.5}})
+    prompt_ids = http.post("/tokenize", json={"model": MODEL, "prompt": PROMPT}).json()["tokens"]
+    logits = hf_logits(hf_model, prompt_ids + choice["token_ids"])
+    low, high = 0.3, 1.1
+    want = []
+    for k in range(len(choice["token_ids"])):
+        h = float(entropy_varentropy(logits[len(prompt_ids) - 1 + k][None])[0][0])
+        want.append(low + (high - low) * (h / math.log(VOCAB)) ** 1.5)
+    assert steering(choice)["dynatemp"]["temperatures"] == pytest.approx(want, rel=2e-3)
+
+
+def test_a_gates_vector_steers_exactly_the_reported_tokens_as_hf_does(http, hf_model):
+    """A gate that fires on some tokens only: HF with the vector added at exactly the positions
+    whose forward passes the report names (token k is steered: the pass over token k - 1, at
+    position prompt + k - 1) predicts every greedy token the engine produced."""
+    explore = http.get("/v1/steering/vectors/explore", params={"include_values": True}).json()
+    east = {"vector": "explore", "scale": 6.0}
+    choice = complete(http, temperature=0, max_tokens=32, steering={"gates": [
+        {"signal": "entropy", "below": 1.5, "then": {"east": east}}]})
+    steered = steering(choice)["gates"]["east_tokens"]
+    tokens = choice["token_ids"]
+    assert 0 < len(steered) < len(tokens) - 1, steered  # some tokens steered, not all
+    prompt_ids = http.post("/tokenize", json={"model": MODEL, "prompt": PROMPT}).json()["tokens"]
+    n = len(prompt_ids)
+    logits = hf_logits(hf_model, prompt_ids + tokens, (
+        torch.tensor(explore["values"]), 6.0, explore["layer"], [n + k - 1 for k in steered]))
+    assert logits[n - 1:n - 1 + len(tokens)].argmax(-1).tolist() == tokens

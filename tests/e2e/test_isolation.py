@@ -39,7 +39,7 @@ KINDS = {  # name → the request's sampling and steering; seeded or greedy, so 
         {"signal": "entropy", "above": 2.5, "hold": 2, "then": {"temperature": 0.3}}],
         **ENTROPY}},
     "gate ema→east": {"temperature": 0, "steering": {"gates": [
-        {"signal": "entropy_ema", "ema": 0.5, "below": 2.0,
+        {"signal": "entropy_ema", "ema": 0.5, "below": 4.0,
          "then": {"east": {"vector": "explore", "scale": 6.0}}}], **ENTROPY}},
     "dynatemp 0.5": {"temperature": 0.8, "seed": 16, "steering": {"dynatemp": {"range": 0.5},
                                                                    **ENTROPY}},
