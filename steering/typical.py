@@ -5,32 +5,61 @@ until their probability mass reaches τ (the crossing token is kept, ties at the
 The kept set is the one HF transformers' `TypicalLogitsWarper` computes (with
 min_tokens_to_keep = 1, which the rule always satisfies), batched with one τ per row.
 
-HF sorts the whole vocabulary. The cut-off only depends on the shortest prefix of that order
-holding mass τ, which for language models is a few hundred tokens, so on a CPU this takes the
-`k` most typical tokens with `topk` (already in sorted order) and widens `k` only for the rows
-whose prefix holds less than τ, up to a full sort: for 16 rows of a 49k vocabulary on one CPU
-thread about 5 ms instead of 48 ms. On a GPU one full sort is faster than several `topk`
-rounds (and their host syncs), so there the first round is the whole vocabulary.
+HF sorts the whole vocabulary, but the cut-off is only a threshold t on |-log p - H|: the
+smallest value at which the mass of the tokens at or below it reaches τ. Two searches find it
+(`CutoffSearch`); each row keeps the tokens with |-log p - H| <= t.
 
-Exactness: on a CPU the kept set equals HF's bit for bit (tests/unit/test_typical.py). On a
-GPU, parallel prefix sums round differently from HF's own full-length scan, so a token whose
-cumulative mass lies within float rounding of τ can fall on the other side of the cut
-(tests/gpu/test_cuda.py bounds this).
+- PREFIX (the CPU default): `topk` of the k most typical tokens (already in sorted order),
+  widening k only for rows whose prefix holds less than τ, up to a full sort. Language models'
+  typical sets are a few hundred tokens, so one round usually suffices; the widening reads the
+  rows left on the host. On a GPU its first round is the whole vocabulary (one sort, faster
+  there than several `topk` rounds and their syncs): the GPU path before RADIX.
+- RADIX (the GPU default): a radix select on the float bits of |-log p - H| (non-negative
+  floats order like their bit patterns as integers). A per-row mass histogram of the top 16
+  bits finds the bucket holding the cut-off, a second over the low 15 bits of that bucket's
+  tokens finds the exact value. Two passes over the vocabulary, no sort, no host sync and no
+  data-dependent branch, so it can be captured in a CUDA graph.
+
+Exactness: PREFIX accumulates the mass in HF's own order and equals HF bit for bit on the
+unit cases (tests/unit/test_typical.py), and so does RADIX, which sums the same probabilities in
+bucket order. Either can differ from HF at a token whose cumulative mass lies within float32
+rounding of τ (HF's own full-length float32 cumulative sum is no closer to the exact value than
+RADIX is: clients/bench_kernels.py counts both against a float64 reference). On a GPU the
+histograms are summed with atomics, so such a token can also differ from run to run.
 """
 
 from __future__ import annotations
+
+from enum import StrEnum
 
 import torch
 
 FIRST_PREFIX = 256
 PREFIX_GROWTH = 8
+HIGH_BITS = 16  # first histogram: sign (always 0), exponent and 7 mantissa bits
+LOW_BITS = 15  # second histogram: the rest of the mantissa
 
 
-def typical_mask(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+class CutoffSearch(StrEnum):
+    """How the per-row threshold on |-log p - H| is found; both give the same kept set."""
+
+    PREFIX = "prefix"
+    RADIX = "radix"
+
+    @classmethod
+    def default_for(cls, device: torch.device) -> CutoffSearch:
+        """Measured (docs/benchmarks.md): on a CPU the prefix search is faster on language
+        models' distributions; on a GPU a full sort costs ~10x a sampling step."""
+        return cls.PREFIX if device.type == "cpu" else cls.RADIX
+
+
+def typical_mask(logits: torch.Tensor, mass: torch.Tensor,
+                 search: CutoffSearch | None = None) -> torch.Tensor:
     """Boolean mask (rows, vocab), True where a token is *removed* by typical sampling.
 
     logits: (rows, vocab) scores the sampler will draw from (already temperature-scaled).
     mass: (rows,) τ per row in (0, 1]; τ = 1 keeps every token.
+    search: the cut-off search; None picks the device's default.
     """
     logp = torch.log_softmax(logits, dim=-1)
     probs = logp.exp()
@@ -38,11 +67,26 @@ def typical_mask(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     # |-log p - H| (bit for bit: IEEE negation is exact); masked (-inf) tokens get +inf.
     shifted = (logp + entropy).abs_()
     mass = mass.to(device=logits.device, dtype=probs.dtype)
+    search = search or CutoffSearch.default_for(logits.device)
+    if search is CutoffSearch.RADIX:
+        return _radix_removed(shifted, probs, mass)
+    return shifted > _prefix_threshold(shifted, probs, mass).unsqueeze(1)
+
+
+def apply_typical(logits: torch.Tensor, mass: torch.Tensor,
+                  search: CutoffSearch | None = None) -> torch.Tensor:
+    """Set the removed tokens' logits to -inf, in place; returns `logits`."""
+    return logits.masked_fill_(typical_mask(logits, mass, search), float("-inf"))
+
+
+def _prefix_threshold(shifted: torch.Tensor, probs: torch.Tensor,
+                      mass: torch.Tensor) -> torch.Tensor:
+    """Per-row threshold from HF's cumulative sum over a growing sorted prefix (+inf: keep all)."""
     threshold = torch.full_like(mass, float("inf"))
-    vocab = logits.shape[-1]
+    vocab = shifted.shape[-1]
     rows = torch.nonzero(mass < 1).flatten()
-    k = vocab if logits.is_cuda else min(FIRST_PREFIX, vocab)
-    all_rows = rows.numel() == logits.shape[0]
+    k = vocab if shifted.is_cuda else min(FIRST_PREFIX, vocab)
+    all_rows = rows.numel() == shifted.shape[0]
     while rows.numel():
         candidates = shifted if all_rows else shifted[rows]
         values, order = torch.topk(candidates, k, dim=-1, largest=False, sorted=True)
@@ -58,9 +102,31 @@ def typical_mask(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
         rows = rows[~done]
         all_rows = False
         k = min(k * PREFIX_GROWTH, vocab)
-    return shifted > threshold.unsqueeze(1)
+    return threshold
 
 
-def apply_typical(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """Set the removed tokens' logits to -inf, in place; returns `logits`."""
-    return logits.masked_fill_(typical_mask(logits, mass), float("-inf"))
+def _radix_removed(shifted: torch.Tensor, probs: torch.Tensor,
+                   mass: torch.Tensor) -> torch.Tensor:
+    """Removed tokens from a two-digit radix select of the threshold (no sort, no host sync).
+
+    The threshold is the smallest key whose at-or-below mass reaches τ: the key of HF's
+    crossing token. Where the total mass rounds below τ, HF clamps to its last sorted token and
+    keeps everything; so does this.
+    """
+    rows = shifted.shape[0]
+    key = shifted.float().view(torch.int32).long()
+    mass = mass.unsqueeze(1)
+    high = key >> LOW_BITS
+    high_mass = probs.new_zeros(rows, 1 << HIGH_BITS).scatter_add_(1, high, probs)
+    high_cumulative = high_mass.cumsum(dim=1)
+    bucket = (high_cumulative < mass).sum(dim=1, keepdim=True).clamp_(max=(1 << HIGH_BITS) - 1)
+    below = high_cumulative.gather(1, bucket) - high_mass.gather(1, bucket)
+    low_mass = probs.new_zeros(rows, 1 << LOW_BITS).scatter_add_(
+        1, key & ((1 << LOW_BITS) - 1), torch.where(high == bucket, probs, 0.0))
+    # Rounding can leave the bucket's own sum a hair under τ - below: stop at its last token.
+    digits = torch.arange(1 << LOW_BITS, device=key.device)
+    last = torch.where(low_mass > 0, digits, 0).amax(dim=1, keepdim=True)
+    low = torch.minimum((low_mass.cumsum(dim=1) < mass - below).sum(dim=1, keepdim=True), last)
+    keep_all = (mass >= 1) | (high_cumulative[:, -1:] < mass)
+    threshold = torch.where(keep_all, torch.iinfo(torch.int32).max, (bucket << LOW_BITS) | low)
+    return key > threshold

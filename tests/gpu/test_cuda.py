@@ -10,22 +10,23 @@ from torch import nn
 from transformers.generation.logits_process import TypicalLogitsWarper
 
 from steering.entropy import entropy_varentropy
-from steering.typical import typical_mask
+from steering.typical import CutoffSearch, typical_mask
 from steering.vllm_adapter.layer_steering import SteerableLayer, SteeringTable
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
 
 
+@pytest.mark.parametrize("search", list(CutoffSearch))
 @pytest.mark.parametrize("mass", [0.2, 0.9, 0.99])
-def test_typical_mask_on_cuda_matches_hf_on_cuda(mass):
+def test_typical_mask_on_cuda_matches_hf_on_cuda(mass, search):
     """Same kept set as HF's warper on the same device, up to tokens at the cut-off whose
     cumulative mass is within float rounding of τ."""
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(8, 151_936, generator=g) * 3).to(CUDA)
     expected = torch.isinf(torch.cat([TypicalLogitsWarper(mass=mass)(None, r[None].clone())
                                       for r in logits]))
-    got = typical_mask(logits, torch.full((8,), mass, device=CUDA))
+    got = typical_mask(logits, torch.full((8,), mass, device=CUDA), search)
     probs = logits.softmax(-1)
     for row in range(8):
         differ = (got[row] != expected[row]).nonzero().flatten()
@@ -33,6 +34,29 @@ def test_typical_mask_on_cuda_matches_hf_on_cuda(mass):
         kept_mass = probs[row][~got[row]].sum().item()
         hf_mass = probs[row][~expected[row]].sum().item()
         assert abs(kept_mass - hf_mass) < 1e-4
+
+
+def test_radix_typical_is_the_cuda_default_and_replays_in_a_cuda_graph():
+    """No host sync inside the radix search, and a captured graph follows new logits and τ."""
+    assert CutoffSearch.default_for(CUDA) is CutoffSearch.RADIX
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(16, 151_936, generator=g) * 3).to(CUDA)
+    mass = torch.full((16,), 0.9, device=CUDA)
+    typical_mask(logits, mass)  # warm up the allocator and kernels outside the capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        typical_mask(logits, mass)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        removed = typical_mask(logits, mass)
+    fresh = (torch.randn(16, 151_936, generator=g) * 2).to(CUDA)
+    logits.copy_(fresh)
+    mass.copy_(torch.linspace(0.1, 1.0, 16, device=CUDA))
+    graph.replay()
+    assert torch.equal(removed, typical_mask(fresh, mass.clone()))
 
 
 def test_entropy_on_cuda_matches_cpu():
