@@ -150,6 +150,8 @@ class StepReport:
     resampled: bool
     distinct_ancestors: int
     best_score: float
+    weights: list[float]  # each particle's normalised weight, softmax of its log-weight
+    ancestors: list[int]  # the particle each new one copies (empty when not resampled)
 
 
 Extend = Callable[[list[Particle]], Awaitable[list[Step]]]
@@ -185,8 +187,8 @@ class ParticleFilter:
             await self._weigh([particles[i] for i in live], score)
             weights = torch.tensor([p.log_weight for p in particles], dtype=torch.float64)
             if all(p.finished for p in particles):
-                reports.append(await self._report(step, len(live), weights, 1.0, False,
-                                                  len(particles), particles))
+                reports.append(await self._report(step, len(live), weights, 1.0, [],
+                                                  particles))
                 break
             resampling_weights = weights + await self._lookahead(particles, extend, score) \
                 if s.lookahead else weights
@@ -195,8 +197,8 @@ class ParticleFilter:
             probabilities = torch.softmax(resampling_weights / temperature, 0)
             ancestors = resample(probabilities, s.n, s.resampling, self.generator)
             particles = [particles[i].copy() for i in ancestors.tolist()]
-            reports.append(await self._report(step, len(live), weights, temperature, True,
-                                              len(set(ancestors.tolist())), particles))
+            reports.append(await self._report(step, len(live), weights, temperature,
+                                              ancestors.tolist(), particles))
         return self._select(particles), particles, reports
 
     async def _weigh(self, particles: list[Particle], score: Score) -> None:
@@ -218,12 +220,13 @@ class ParticleFilter:
         return extra
 
     async def _report(self, step: int, live: int, weights: torch.Tensor, temperature: float,
-                      resampled: bool, distinct: int, particles: list[Particle]) -> StepReport:
+                      ancestors: list[int], particles: list[Particle]) -> StepReport:
         self.best_score = max(self.best_score, *(p.score for p in particles))
         report = StepReport(step=step, live=live, ess=effective_sample_size(weights),
-                            temperature=temperature, resampled=resampled,
-                            distinct_ancestors=distinct,
-                            best_score=self.best_score)
+                            temperature=temperature, resampled=bool(ancestors),
+                            distinct_ancestors=len(set(ancestors)) if ancestors
+                            else len(particles), best_score=self.best_score,
+                            weights=torch.softmax(weights, 0).tolist(), ancestors=ancestors)
         if self.on_step is not None:
             await self.on_step(report)
         return report

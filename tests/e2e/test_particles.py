@@ -33,6 +33,8 @@ def test_report_and_chosen_particle(http):
     for step in report["steps"]:
         assert 1 <= step["ess"] <= 4 + 1e-9 and step["temperature"] >= 1
         assert 1 <= step["distinct_ancestors"] <= 4
+        assert step["ess"] == pytest.approx(1 / sum(w * w for w in step["weights"]))
+        assert len(step["ancestors"]) == (4 if step["resampled"] else 0)
     particles = report["particles"]
     assert len(particles) == 4 == len(report["final_scores"])
     chosen = particles[report["chosen"]]

@@ -161,3 +161,40 @@ def test_seeded_runs_repeat():
     a = run(ParticleSettings(n=4, max_steps=4, select="sample"), World("ab", 3), seed=9)
     b = run(ParticleSettings(n=4, max_steps=4, select="sample"), World("ab", 3), seed=9)
     assert a[0].text == b[0].text and [p.text for p in a[1]] == [p.text for p in b[1]]
+
+
+def test_step_reports_carry_weights_and_ancestors():
+    """Each report's weights are softmax of the particles' log-odds scores before resampling,
+    and its ancestors say which scored particle each new one copies: the next step extends
+    exactly those texts."""
+    world = World("ab")
+    scored: list[tuple[list[str], list[float]]] = []
+    extended: list[list[str]] = []
+
+    async def extend(particles):
+        extended.append([p.text for p in particles])
+        return await world.extend(particles)
+
+    async def score(particles):
+        scores = await world.score(particles)
+        scored.append(([p.text for p in particles], scores))
+        return scores
+
+    reports: list = []
+
+    async def observe(report):
+        reports.append(report)
+
+    filt = ParticleFilter(ParticleSettings(n=6, max_steps=4), seed=3, on_step=observe)
+    asyncio.run(filt.run(extend, score))
+    assert len(reports) == 4
+    for step, report in enumerate(reports):
+        texts, scores = scored[step]
+        expected = torch.softmax(log_odds(torch.tensor(scores, dtype=torch.float64)), 0)
+        assert report.weights == pytest.approx(expected.tolist())
+        if step + 1 < len(reports):  # the last step finishes every particle: no resampling
+            assert report.resampled and len(report.ancestors) == 6
+            assert extended[step + 1] == [texts[i] for i in report.ancestors]
+            assert report.distinct_ancestors == len(set(report.ancestors))
+        else:
+            assert not report.resampled and report.ancestors == []
