@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup serve test test-unit prometheus bench clean
+.PHONY: setup serve test test-unit prometheus browser bench clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,15 @@ prometheus:
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
 
-test: setup prometheus
+# Headless Chromium and its driver for the playground's browser tests (Debian's packages).
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    chromium chromium-driver; }
+
+test: setup prometheus browser
 	$(VENV)/bin/ruff check server steering clients tests examples
 	$(VENV)/bin/pytest -q
 

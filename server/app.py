@@ -16,6 +16,7 @@ from server.metrics import SteerMetrics
 from server.openai_serving import FrontendOptions, OpenAIServing
 from server.openai_serving import install_error_handlers as install_vllm_error_handlers
 from server.particles import ParticleConfig
+from server.playground import install_playground
 from server.routes import ops, tokens, v1
 from steering.diffadapt import DEFAULT_STRATEGIES, Strategy
 
@@ -58,11 +59,11 @@ def create_app(engine: Engine, api_key: str | None = None, admin_key: str | None
                diffadapt_max_tokens: int = DEFAULT_MAX_TOKENS,
                particles: ParticleConfig | None = None,
                frontend: FrontendOptions | None = None, strict_fields: bool = False,
-               max_queued_requests: int | None = None) -> FastAPI:
+               max_queued_requests: int | None = None, playground: bool = True) -> FastAPI:
     """An app that starts `engine` on start-up and shuts it down on exit; `strategies` are
     DiffAdapt's (default: the paper's), `frontend` the options of vLLM's OpenAI layer;
     `max_queued_requests` sequences may wait beyond the engine's batch (default: one more
-    batch)."""
+    batch); `playground` serves the web page at `/`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -98,4 +99,6 @@ def create_app(engine: Engine, api_key: str | None = None, admin_key: str | None
     app.include_router(tokens)
     app.include_router(artifact_router)
     app.include_router(ops)
+    if playground:
+        install_playground(app)
     return app

@@ -96,6 +96,8 @@ def serve_parser():
                         help="engine sequences that may wait beyond the running batch; past "
                         "them a generation request is a 429 with Retry-After (default: "
                         "--max-num-seqs, one more batch)")
+    parser.add_argument("--no-ui", action="store_true",
+                        help="do not serve the playground web page at /")
     parser.add_argument("--strict-fields", action="store_true",
                         help="answer unknown top-level request fields with a 400 (default: "
                         "ignore them, as vllm serve does, and name them in the "
@@ -223,7 +225,8 @@ def serve(args: argparse.Namespace) -> None:
                                            args.reward_retries) if args.reward_url else None,
                          max_total_tokens=args.particles_max_tokens),
                      frontend=frontend, strict_fields=args.strict_fields,
-                     max_queued_requests=args.max_queued_requests)
+                     max_queued_requests=args.max_queued_requests,
+                     playground=not args.no_ui)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
                 access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=30)
 
