@@ -230,6 +230,48 @@ def test_particle_filter_view_streams_each_iteration(browser, server):
     by_id(browser, "particles-on").click()  # off again for the tests after this one
 
 
+def test_gate_and_v_reason_markers_and_the_difficulty_view(browser, server, http):
+    """A gate, V-Reason and DiffAdapt in one request: the chart marks exactly the tokens the
+    server's report names, and the DiffAdapt view shows its class probabilities."""
+    open_page(browser, server)
+    from selenium.webdriver.support.ui import Select
+
+    set_value(browser, "prompt", "What is 12 times 7?")
+    set_value(browser, "max-tokens", 24)
+    set_value(browser, "seed", 5)
+    open_section(browser, "DiffAdapt")
+    Select(by_id(browser, "diffadapt-probe")).select_by_value("default")
+    open_section(browser, "Entropy gates")
+    by_id(browser, "add-gate").click()
+    set_value(browser, "gate0-value", 0.3)
+    open_section(browser, "V-Reason")
+    by_id(browser, "vreason-on").click()
+    body = sent_body(browser)
+    assert "temperature" not in body  # DiffAdapt's strategies set it
+    assert body["steering"]["gates"] == [
+        {"signal": "entropy", "above": 2, "hold": 1, "then": {"temperature": 0.3}}]
+    assert body["steering"]["vreason"] == {} and body["steering"]["diffadapt"] == {
+        "probe": "default"}
+    send_and_wait(browser)
+    assert by_id(browser, "error").text == ""
+    report = http.post("/v1/chat/completions", json={**body, "stream": False}).json()[
+        "choices"][0]["steering"]
+
+    def marked(kind):
+        return sorted(int(m.get_attribute("data-index"))
+                      for m in css(browser, f"#chart path.marker.{kind}.steered"))
+
+    assert marked("gate") == report["gates"]["gates"][0]["fired"]
+    assert marked("vreason") == [u["token"] for u in report["vreason"]["updates"]]
+    assert marked("gate") and marked("vreason")
+    difficulty = by_id(browser, "diffadapt-view")
+    assert difficulty.is_displayed()
+    assert report["diffadapt"]["difficulty"] in difficulty.text
+    bars = {b.get_attribute("data-class"): b.text for b in css(browser, "#diffadapt-view .bar")}
+    assert bars == {name: f"{name} {100 * p:.1f}%"
+                    for name, p in report["diffadapt"]["probabilities"].items()}
+
+
 def test_errors_show_the_server_message(browser, server, http):
     open_page(browser, server)
     open_section(browser, "EAST")

@@ -297,13 +297,13 @@ function buildRequest(pane) {
   } else {
     body.prompt = prompt;
   }
+  const steering = pane === "steered" ? steeringOptions() : {};
   body.max_tokens = number("max-tokens");
-  body.temperature = number("temperature");
+  if (!steering.diffadapt) body.temperature = number("temperature");  // DiffAdapt picks it per class
   if (number("top-p") !== null && number("top-p") !== 1) body.top_p = number("top-p");
   if (number("top-k") !== null && number("top-k") !== -1) body.top_k = number("top-k");
   if (number("min-p")) body.min_p = number("min-p");
   if (number("seed") !== null) body.seed = number("seed");
-  const steering = pane === "steered" ? steeringOptions() : {};
   if (!steering.particles) {  // the particle filter runs its own requests: no logprobs there
     if (mode() === "chat") { body.logprobs = true; body.top_logprobs = TOP_LOGPROBS; } else body.logprobs = TOP_LOGPROBS;
   }
