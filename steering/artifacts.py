@@ -3,8 +3,14 @@ each, metadata in its header.
 
 One file per artifact makes every write a single atomic step (write a temporary file, fsync,
 rename, fsync the folder): a reader or a restart sees the old artifact or the new one, never a
-mixture. Files that fail to load at start are reported and skipped; temporary files left by a
-write that was killed are removed at start.
+mixture. Files that fail to load are reported and skipped; temporary files left by a write that
+was killed are removed at start.
+
+Several servers may share one folder (replicas on a `ReadWriteMany` volume): every read checks
+the file's identity (inode, modification time, size; one `stat`) against the copy in memory and
+reloads it when another process has replaced it, forgets it when it was deleted, and a listing
+scans the folder. So an upload, re-upload or delete on one replica is what the others serve from
+their next request on, with no restart and no polling.
 """
 
 from __future__ import annotations
@@ -89,6 +95,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(dir_fd)
 
 
+FileIdentity = tuple[int, int, int]  # inode, modification time (ns), size
+
+
+def _identity(path: Path) -> FileIdentity | None:
+    """What changes when a file is replaced (an atomic rename gives it a new inode)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
     """Serialised in memory and written through our own temporary file (safetensors'
     `save_file` would add a temporary file of its own, which a kill would leave behind)."""
@@ -137,35 +155,74 @@ class _Store(Generic[Payload, Meta]):
         for stale in self.root.glob(TEMP_GLOB):
             logger.warning("removing %s, left by an interrupted write", stale.name)
             stale.unlink(missing_ok=True)
-        self._items: dict[str, tuple[Payload, Meta]] = {}
-        for path in sorted(self.root.glob(f"*{SUFFIX}")):
-            try:
-                payload, meta = self._read(path)
-                self._check(payload, meta)
-            except Exception as exc:  # corrupt or foreign files must not stop the server
-                logger.warning("skipping %s %s: %s", self.kind, path.name, exc)
-                continue
-            self._items[meta.name] = (payload, meta)
+        # name -> (payload, meta, the file's identity when it was read)
+        self._items: dict[str, tuple[Payload, Meta, FileIdentity]] = {}
+        self._skipped: dict[str, FileIdentity] = {}  # files that failed to load, until changed
+        self.list()
 
     def list(self) -> list[Meta]:
-        return [meta for _, meta in sorted(self._items.values(), key=lambda v: v[1].name)]
+        """Every artifact in the folder now (files another process added, replaced or removed
+        included)."""
+        names = {p.name[:-len(SUFFIX)] for p in self.root.glob(f"*{SUFFIX}")
+                 if not p.name.startswith(".")}
+        for name in set(self._items) - names:
+            del self._items[name]
+        found = (self._current(name) for name in sorted(names))
+        return sorted((item[1] for item in found if item is not None), key=lambda m: m.name)
 
     def get(self, name: str) -> tuple[Payload, Meta]:
-        try:
-            return self._items[name]
-        except KeyError:
-            raise ArtifactNotFound(name) from None
+        item = self._current(name)
+        if item is None:
+            raise ArtifactNotFound(name)
+        return item[0], item[1]
 
     def delete(self, name: str) -> None:
         self.get(name)
-        (self.root / f"{name}{SUFFIX}").unlink()
+        try:
+            self._path(name).unlink()
+        except FileNotFoundError:  # another replica deleted it first: gone either way
+            pass
         _fsync_dir(self.root)
-        del self._items[name]
+        self._items.pop(name, None)
+
+    def _path(self, name: str) -> Path:
+        return self.root / f"{name}{SUFFIX}"
+
+    def _current(self, name: str) -> tuple[Payload, Meta, FileIdentity] | None:
+        """The artifact as its file is now: the copy in memory if the file is unchanged, else
+        read again; None when there is no such file (or it does not load)."""
+        if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+            return None  # never a path outside the folder
+        path = self._path(name)
+        identity = _identity(path)
+        cached = self._items.get(name)
+        if identity is None:
+            self._items.pop(name, None)
+            return None
+        if cached is not None and cached[2] == identity:
+            return cached
+        if self._skipped.get(name) == identity:
+            return None
+        try:
+            payload, meta = self._read(path)
+            self._check(payload, meta)
+        except FileNotFoundError:  # deleted between the stat and the read
+            self._items.pop(name, None)
+            return None
+        except Exception as exc:  # corrupt or foreign files must not stop the server
+            logger.warning("skipping %s %s: %s", self.kind, path.name, exc)
+            self._items.pop(name, None)
+            self._skipped[name] = identity
+            return None
+        self._skipped.pop(name, None)
+        self._items[name] = item = (payload, meta, identity)
+        return item
 
     def _store(self, payload: Payload, meta: Meta, tensors: dict[str, torch.Tensor]) -> Meta:
         self._check(payload, meta)
-        write_artifact(self.root / f"{meta.name}{SUFFIX}", tensors, asdict(meta))
-        self._items[meta.name] = (payload, meta)
+        path = self._path(meta.name)
+        write_artifact(path, tensors, asdict(meta))
+        self._items[meta.name] = (payload, meta, _identity(path))
         return meta
 
     def _check(self, payload: Payload, meta: Meta) -> None:

@@ -1,6 +1,7 @@
 """The vector store: validation, atomic writes, restart, corrupt files."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -84,3 +85,64 @@ def test_bundled_artifacts_are_seeded_once(tmp_path):
     probes.delete("default")
     seed_bundled_artifacts(vectors, probes)  # the user's deletions stand
     assert vectors.list() == [] and probes.list() == []
+
+
+def test_replicas_on_one_folder_see_each_others_writes(tmp_path):
+    """Two servers' stores on one folder: an upload, a re-upload and a delete on one are what
+    the other serves at its next read, with no restart."""
+    a, b = store(tmp_path), store(tmp_path)
+    assert b.list() == []
+    first = a.put("shared", [1.0, 0.0, 0.0, 0.0], 0)
+    values, meta = b.get("shared")
+    assert values.tolist() == [1.0, 0.0, 0.0, 0.0] and meta == first
+    second = a.put("shared", [0.0, 2.0, 0.0, 0.0], 2)
+    values, meta = b.get("shared")
+    assert values.tolist() == [0.0, 2.0, 0.0, 0.0] and meta == second
+    assert meta.created > first.created  # what the engine's vector slots key on
+    assert [m.name for m in b.list()] == ["shared"]
+    a.delete("shared")
+    with pytest.raises(ArtifactNotFound):
+        b.get("shared")
+    assert b.list() == []
+    b.put("back", [0.0] * 4, 1)
+    assert [m.name for m in a.list()] == ["back"]
+    a.delete("back")
+    with pytest.raises(ArtifactNotFound):  # deleted by the other replica meanwhile
+        b.delete("back")
+
+
+def test_a_reader_never_sees_a_half_written_vector(tmp_path):
+    """While one replica re-uploads a vector over and over, another reads it: every read is
+    one whole version."""
+    import threading
+
+    writer, reader = store(tmp_path), store(tmp_path)
+    writer.put("v", [1.0] * 4, 0)
+    stop = threading.Event()
+
+    def rewrite():
+        version = 0
+        while not stop.is_set():
+            version += 1
+            writer.put("v", [float(version)] * 4, version % 3)
+
+    thread = threading.Thread(target=rewrite)
+    thread.start()
+    try:
+        seen = set()
+        deadline = time.monotonic() + 30
+        while len(seen) < 20:  # until the reads have overlapped many rewrites
+            assert time.monotonic() < deadline, f"only versions {seen} were read"
+            values, meta = reader.get("v")
+            assert len(set(values.tolist())) == 1  # one version's values, whole
+            assert meta.layer == int(values[0]) % 3 or values[0] == 1.0  # and its own metadata
+            seen.add(float(values[0]))
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_a_name_outside_the_folder_is_not_found(tmp_path):
+    (tmp_path.parent / "outside.safetensors").write_bytes(b"")
+    with pytest.raises(ArtifactNotFound):
+        store(tmp_path).get("../outside")
