@@ -151,7 +151,24 @@ def build_engine_args(args: argparse.Namespace):
         args.kv_cache_memory_bytes = CPU_DEFAULT_KV_CACHE_BYTES
     if current_platform.is_cpu() and args.block_size is None:
         args.block_size = CPU_DEFAULT_BLOCK_SIZE
+    workers = (args.data_parallel_size or 1) * (args.tensor_parallel_size or 1) * (
+        args.pipeline_parallel_size or 1)
+    if current_platform.is_cpu() and workers > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(workers)
     return AsyncEngineArgs.from_cli_args(args)
+
+
+def cpu_thread_binding(workers: int) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` for `workers` CPU workers on this host (data x tensor x
+    pipeline parallel): the cores this process may use, split evenly ("0-3|4-7"). vLLM's
+    default binds one worker per NUMA node, which refuses tensor parallelism on a one-node host
+    and pins every data-parallel engine to the same cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        raise SystemExit(f"{workers} CPU workers need at least {workers} cores; this process "
+                         f"may use {len(cores)} (set VLLM_CPU_OMP_THREADS_BIND to override)")
+    share = len(cores) // workers
+    return "|".join(",".join(map(str, cores[i * share:(i + 1) * share])) for i in range(workers))
 
 
 def reward_engine_args(path: Path, generator):

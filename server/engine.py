@@ -245,6 +245,9 @@ class Engine:
         self._slots = VectorSlots(self._llm, table["slots"])
         self._capture_slots = asyncio.Semaphore(table["capture_rows"])
         self.vreason_unsupported = table["vreason_unsupported"]
+        if self.vreason_unsupported is not None:
+            logger.warning("V-Reason is not available on this server (its requests get a 400): "
+                           "%s", self.vreason_unsupported)
         self.vectors = VectorStore(self._artifacts_dir / "vectors", self.model_name,
                                    table["hidden_size"], self.num_layers)
         self.probes = ProbeStore(self._artifacts_dir / "probes", self.model_name,
@@ -405,9 +408,17 @@ class Engine:
         if options.capturing:
             hidden_states = await self._take_capture(request_id, options)
         if options.vreason is not None:
-            vreason = (await self._llm.collective_rpc("steer_take_vreason",
-                                                      args=(request_id,)))[0]
+            vreason = await self._take("steer_take_vreason", request_id)
         return hidden_states, vreason
+
+    async def _take(self, method: str, *args):
+        """A request's leftovers from the engine that ran it: the call reaches every engine
+        (with `--data-parallel-size`, one per DP rank) and every worker; the one holding the
+        request answers, the others answer None. (`AsyncLLM.collective_rpc` would return DP
+        rank 0's answer only.)"""
+        per_engine = await self._llm.engine_core.call_utility_all_async(
+            "collective_rpc", method, None, args, None)
+        return next((ranks[0] for ranks in per_engine if ranks[0] is not None), None)
 
     async def generate(
         self,
@@ -460,8 +471,8 @@ class Engine:
 
     async def _take_capture(self, request_id: str, options: SamplingOptions):
         layers = list(options.capture_layers)
-        taken = (await self._llm.collective_rpc(
-            "steer_take_capture", args=(request_id, layers, options.capture_final)))[0]
+        taken = await self._take("steer_take_capture", request_id, layers,
+                                 options.capture_final)
         if taken is None:
             raise EngineUnavailable("the engine did not capture the hidden states")
         hidden_states = dict(zip(layers, taken["layers"]))
