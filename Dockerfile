@@ -1,7 +1,7 @@
 # entropy-steer for GPU hosts: vLLM's own CUDA image of the same pinned version, the project on
 # top, a non-root user. Serve a model mounted at /models/model:
 #   docker build -t entropy-steer .
-#   docker run --gpus all -p 8000:8000 -v /path/to/hf-model:/models/model:ro \
+#   docker run --gpus all --shm-size 1g -p 8000:8000 -v /path/to/hf-model:/models/model:ro \
 #     -v steer-artifacts:/data -e STEER_API_KEY=... -e STEER_ADMIN_KEY=... entropy-steer
 # Extra vLLM engine arguments go after the image name (e.g. --max-model-len 8192).
 FROM vllm/vllm-openai:v0.32.0

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup serve test test-unit prometheus browser bench clean
+.PHONY: setup serve test test-unit test-scale prometheus browser docker image image-test bench clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,34 @@ test: setup prometheus browser
 
 test-unit: setup
 	$(VENV)/bin/pytest -q tests/unit
+
+# Several engines on this machine (replicas on one artifacts folder): too slow for `make test`.
+test-scale: setup
+	$(VENV)/bin/pytest -q -m scale tests/scale
+
+# Docker's engine and mmdebstrap (Debian's packages; root or sudo); starts the daemon if none
+# answers (on these machines: as root, containers on the host's network).
+docker:
+	command -v dockerd >/dev/null && command -v mmdebstrap >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    docker.io mmdebstrap; }
+	docker info >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO sh -c 'nohup dockerd >/var/log/dockerd.log 2>&1 &'; \
+	  for i in $$(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done; \
+	  docker info >/dev/null; }
+
+IMAGE ?= entropy-steer-cpu:local
+
+# The CPU image (deploy/Dockerfile.cpu), also where no registry answers.
+image: docker
+	timeout 3600 sh deploy/build-cpu-image.sh $(IMAGE)
+
+# The image run as a container: healthy, one request per method, /metrics (bounded: see the test).
+image-test: setup image
+	STEER_IMAGE=$(IMAGE) timeout 1800 $(VENV)/bin/pytest -q -s -m image tests/image
 
 bench: setup
 	$(VENV)/bin/steer bench

@@ -60,6 +60,48 @@ def test_kubernetes_manifests():
     assert docs["ServiceMonitor"]["spec"]["endpoints"][0]["path"] == "/metrics"
 
 
+MANIFESTS = ["entropy-steer.yaml", "entropy-steer-replicas.yaml"]
+CRDS = {"ServiceMonitor"}  # the Prometheus Operator's: not in Kubernetes' own schemas
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS)
+def test_manifests_match_the_kubernetes_schemas(manifest):
+    import kubernetes_validate
+
+    for doc in yaml.safe_load_all((DEPLOY / "k8s" / manifest).read_text()):
+        if doc["kind"] in CRDS:
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["spec"]["endpoints"]
+            continue
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_replicas_share_one_read_write_many_volume_and_autoscale_on_waiting_requests():
+    docs = {d["kind"]: d for d in yaml.safe_load_all(
+        (DEPLOY / "k8s" / "entropy-steer-replicas.yaml").read_text())}
+    single = {d["kind"]: d for d in yaml.safe_load_all(
+        (DEPLOY / "k8s" / "entropy-steer.yaml").read_text())}
+    claim = docs["PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    deployment = docs["Deployment"]
+    assert deployment["spec"]["replicas"] > 1
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["artifacts"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    hpa = docs["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                     "name": deployment["metadata"]["name"]}
+    assert hpa["minReplicas"] == deployment["spec"]["replicas"] < hpa["maxReplicas"]
+    # prometheus-adapter's name for vllm:num_requests_waiting (its rule is in docs/deploy.md)
+    assert hpa["metrics"][0]["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
+    assert "vllm:num_requests_waiting" in (ROOT / "docs" / "deploy.md").read_text()
+    # The pods are the single-replica manifest's but for the shared claim: no drift.
+    template = json.loads(json.dumps(deployment["spec"]["template"]))
+    template["spec"]["volumes"] = [
+        {**v, "persistentVolumeClaim": {"claimName": "entropy-steer-artifacts"}}
+        if v["name"] == "artifacts" else v for v in template["spec"]["volumes"]]
+    assert template == single["Deployment"]["spec"]["template"]
+    assert docs["Service"] == single["Service"]
+
+
 def test_grafana_provisioning_points_at_the_dashboard():
     provider = yaml.safe_load(
         (DEPLOY / "grafana/provisioning/dashboards/entropy-steer.yml").read_text())
