@@ -5,6 +5,8 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Debian packages and the Docker daemon need root: sudo unless make already runs as root.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup serve test test-unit test-scale prometheus browser docker image image-test bench clean
 
@@ -27,16 +29,14 @@ serve: setup
 # A real Prometheus for the end-to-end metrics test (Debian's package; needs root or sudo).
 prometheus:
 	command -v prometheus >/dev/null || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
 
 # Headless Chromium and its driver for the playground's browser tests (Debian's packages).
 browser:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
 	    chromium chromium-driver; }
 
 test: setup prometheus browser
@@ -54,13 +54,11 @@ test-scale: setup
 # answers (on these machines: as root, containers on the host's network).
 docker:
 	command -v dockerd >/dev/null && command -v mmdebstrap >/dev/null || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
 	    docker.io mmdebstrap; }
 	docker info >/dev/null 2>&1 || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO sh -c 'nohup dockerd >/var/log/dockerd.log 2>&1 &'; \
+	  $(SUDO) sh -c 'nohup dockerd >/var/log/dockerd.log 2>&1 &'; \
 	  for i in $$(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done; \
 	  docker info >/dev/null; }
 

@@ -78,8 +78,13 @@ class ProbeMeta:
     created: float
 
 
+def is_valid_name(name: object) -> bool:
+    """A name that is a file in the folder, never a path outside it."""
+    return isinstance(name, str) and NAME_PATTERN.match(name) is not None and ".." not in name
+
+
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+    if not is_valid_name(name):
         raise ArtifactError(
             "names are 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit",
             "name")
@@ -163,8 +168,7 @@ class _Store(Generic[Payload, Meta]):
     def list(self) -> list[Meta]:
         """Every artifact in the folder now (files another process added, replaced or removed
         included)."""
-        names = {p.name[:-len(SUFFIX)] for p in self.root.glob(f"*{SUFFIX}")
-                 if not p.name.startswith(".")}
+        names = {p.name[:-len(SUFFIX)] for p in self.root.glob(f"*{SUFFIX}")}
         for name in set(self._items) - names:
             del self._items[name]
         found = (self._current(name) for name in sorted(names))
@@ -191,8 +195,8 @@ class _Store(Generic[Payload, Meta]):
     def _current(self, name: str) -> tuple[Payload, Meta, FileIdentity] | None:
         """The artifact as its file is now: the copy in memory if the file is unchanged, else
         read again; None when there is no such file (or it does not load)."""
-        if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
-            return None  # never a path outside the folder
+        if not is_valid_name(name):
+            return None
         path = self._path(name)
         identity = _identity(path)
         cached = self._items.get(name)
