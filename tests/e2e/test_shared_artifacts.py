@@ -2,16 +2,13 @@
 store a server uses) is what the session's server serves, within 2 seconds and with no restart,
 resident engine slots included. The two-server version of this runs in `make test-scale`."""
 
-import time
-
 import pytest
 import torch
 
 from steering.artifacts import ProbeStore, VectorStore
+from tests.replicas import PROMPT, served_within, steered_tokens
 
 MODEL = "SmolLM2-135M-Instruct"
-PROMPT = "My plan for the weekend:"
-SHARED_WITHIN_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -21,24 +18,6 @@ def replica(server, http):
     folder = server.log_path.parent / "artifacts"
     return (VectorStore(folder / "vectors", MODEL, card["hidden_size"], card["num_layers"]),
             ProbeStore(folder / "probes", MODEL, card["hidden_size"]))
-
-
-def served_within(http, path, status, timeout=SHARED_WITHIN_S):
-    start = time.monotonic()
-    while True:
-        response = http.get(path)
-        if response.status_code == status:
-            return response
-        assert time.monotonic() - start < timeout, (path, response.status_code, response.text)
-        time.sleep(0.05)
-
-
-def steered_tokens(http, vector: str, scale: float) -> list[int]:
-    r = http.post("/v1/completions", json={
-        "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "return_token_ids": True,
-        "steering": {"east": {"vector": vector, "scale": scale}}})
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["token_ids"]
 
 
 def test_vector_upload_reupload_and_delete_by_another_replica(http, replica):

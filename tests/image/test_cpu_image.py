@@ -19,11 +19,12 @@ import pytest
 from clients.local_server import free_port
 from tests.prometheus import metric, samples
 
-pytestmark = pytest.mark.image
-
 IMAGE = os.environ.get("STEER_IMAGE", "entropy-steer-cpu:local")
 MODEL = "SmolLM2-135M-Instruct"
 HEALTHY_WITHIN_S = 900
+# pytest-timeout's bound for the first test (which starts the container) must not cut the wait
+# short: past HEALTHY_WITHIN_S the test fails itself, with the container's log.
+pytestmark = [pytest.mark.image, pytest.mark.timeout(HEALTHY_WITHIN_S + 300)]
 STOP_WITHIN_S = 60  # docker stop waits 30 s for a clean exit, then kills
 CHAT = [{"role": "user", "content": "What is 12 times 7?"}]
 # One request per method: its `steering` field.
@@ -56,7 +57,7 @@ def container():
     name = f"steer-image-test-{port}"
     started = time.monotonic()
     docker("run", "-d", "--name", name, "--network", "host", "--shm-size", "1g",
-           "-e", f"STEER_PORT={port}", "-e", "STEER_HOST=127.0.0.1", IMAGE)
+           "-e", f"STEER_PORT={port}", IMAGE)
     url = f"http://127.0.0.1:{port}"
     try:
         while True:

@@ -10,12 +10,10 @@ import pytest
 import torch
 
 from clients.local_server import steer_server
+from tests.replicas import SHARED_WITHIN_S, served_within, steered_tokens
 from tests.scale.conftest import ADMIN_KEY, client
 
 pytestmark = pytest.mark.scale
-
-SHARED_WITHIN_S = 2.0
-PROMPT = "My plan for the weekend:"
 
 
 @pytest.fixture(scope="module")
@@ -25,22 +23,6 @@ def replicas(folder, single):
     with client(second) as http:
         yield single, http
     second.stop()
-
-
-def served_within(http, path, status):
-    start = time.monotonic()
-    while (response := http.get(path)).status_code != status:
-        assert time.monotonic() - start < SHARED_WITHIN_S, (path, response.text)
-        time.sleep(0.05)
-    return response
-
-
-def tokens(client, vector):
-    r = client.post("/v1/completions", json={
-        "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "return_token_ids": True,
-        "steering": {"east": {"vector": vector, "scale": 4.0}}})
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["token_ids"]
 
 
 def test_vectors_uploaded_reuploaded_and_deleted_on_one_replica(replicas):
@@ -55,8 +37,8 @@ def test_vectors_uploaded_reuploaded_and_deleted_on_one_replica(replicas):
 
     upload(one, 1)
     served_within(two, "/v1/steering/vectors/shared", 200)
-    first = tokens(two, "shared")
-    assert first == tokens(one, "shared") == tokens(one, "explore")
+    first = steered_tokens(two, "shared")
+    assert first == steered_tokens(one, "shared") == steered_tokens(one, "explore")
 
     upload(two, -1)  # both engines now hold the old values in a slot
     start = time.monotonic()
@@ -64,8 +46,8 @@ def test_vectors_uploaded_reuploaded_and_deleted_on_one_replica(replicas):
                   params={"include_values": True}).json()["values"][0] != -values[0].item():
         assert time.monotonic() - start < SHARED_WITHIN_S
         time.sleep(0.05)
-    flipped = tokens(one, "shared")
-    assert flipped == tokens(two, "shared") != first
+    flipped = steered_tokens(one, "shared")
+    assert flipped == steered_tokens(two, "shared") != first
 
     assert one.delete("/v1/steering/vectors/shared").status_code in (200, 204)
     served_within(two, "/v1/steering/vectors/shared", 404)
