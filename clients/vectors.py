@@ -21,8 +21,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -30,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from clients.http import ServerError, add_server_arguments, auth_headers, check
-from steering.east import action_entropy, contrastive_vector, east_vector
+from steering.east import Centring, action_entropy, contrastive_vector, east_vector
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -90,15 +92,21 @@ async def collect(url: str, headers: dict, records: list[dict], layer: int, samp
             bar.close()
 
 
-def compute_east(url: str, headers: dict, records: list[dict], layer: int, samples: int,
-                 pattern: str, max_tokens: int, temperature: float, concurrency: int,
-                 center: bool, activation_norm: bool = True) -> tuple[torch.Tensor, dict]:
-    """The EAST recipe: per prompt, k sampled actions → entropy of their empirical
-    distribution; the vector weights the prompts' last-token activations by it.
+@dataclass
+class EastSamples:
+    """What the EAST recipe measures of each prompt: its last-token activation, the entropy of
+    its sampled actions (NaN where none was valid), its run."""
 
-    With `activation_norm` the vector is rescaled to the mean norm of those activations, so
-    that a scale β of 1 adds a perturbation as large as a typical activation at that layer
-    (the weighted, centred mean itself is orders of magnitude smaller)."""
+    activations: torch.Tensor
+    entropies: torch.Tensor
+    runs: torch.Tensor | None  # None when a prompt has no "run"
+    valid_action_rate: float
+
+
+def sample_east(url: str, headers: dict, records: list[dict], layer: int, samples: int,
+                pattern: str, max_tokens: int, temperature: float,
+                concurrency: int) -> EastSamples:
+    """Per prompt, `samples` completions and the layer's activation at its last token."""
     regex = re.compile(pattern)
     results = asyncio.run(collect(url, headers, records, layer, samples, max_tokens,
                                   temperature, concurrency, "sampling actions"))
@@ -107,19 +115,40 @@ def compute_east(url: str, headers: dict, records: list[dict], layer: int, sampl
         actions = [parse_action(regex, t) for t in texts]
         valid += sum(a is not None for a in actions)
         h = action_entropy(actions)
-        if h is not None:
-            activations.append(activation)
-            entropies.append(h)
-    if not entropies:
+        activations.append(activation)
+        entropies.append(math.nan if h is None else h)
+    if all(math.isnan(h) for h in entropies):
         raise SystemExit("no completion matched --action-pattern: nothing to compute from")
-    acts = torch.tensor(activations)
-    vector = east_vector(acts, torch.tensor(entropies), center=center)
-    stats = {"prompts": len(records), "prompts_used": len(entropies),
-             "valid_action_rate": valid / (len(records) * samples),
-             "mean_action_entropy": sum(entropies) / len(entropies),
-             "raw_norm": float(vector.norm())}
+    runs = None
+    if all("run" in r for r in records):
+        ids = {run: i for i, run in enumerate(dict.fromkeys(r["run"] for r in records))}
+        runs = torch.tensor([ids[r["run"]] for r in records])
+    return EastSamples(torch.tensor(activations), torch.tensor(entropies, dtype=torch.float64),
+                       runs, valid / (len(records) * samples))
+
+
+def east_from_samples(measured: EastSamples, centring: Centring, activation_norm: bool,
+                      shuffle_seed: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The vector (Eq. 1 with `Centring.RUN`, which needs every prompt's run).
+
+    With `activation_norm` it is rescaled to the mean norm of the activations, so that a scale
+    β of 1 adds a perturbation as large as a typical activation at that layer (the weighted,
+    centred mean itself is orders of magnitude smaller); without it β is the paper's.
+    `shuffle_seed` makes the control vector: the entropies are permuted among the prompts
+    (seeded), so it keeps the activations and loses their link to the entropy."""
+    weights = measured.entropies
+    if shuffle_seed is not None:
+        order = torch.randperm(len(weights), generator=torch.Generator().manual_seed(shuffle_seed))
+        weights = weights[order]
+    vector = east_vector(measured.activations, weights, centring, measured.runs)
+    used = measured.entropies[~measured.entropies.isnan()]
+    stats = {"prompts": len(weights), "prompts_used": len(used),
+             "runs": len(measured.runs.unique()) if centring is Centring.RUN else None,
+             "centring": centring.value, "shuffled": shuffle_seed,
+             "valid_action_rate": measured.valid_action_rate,
+             "mean_action_entropy": float(used.mean()), "raw_norm": float(vector.norm())}
     if activation_norm:
-        stats["mean_activation_norm"] = float(acts.norm(dim=1).mean())
+        stats["mean_activation_norm"] = float(measured.activations.norm(dim=1).mean())
         vector = vector / vector.norm() * stats["mean_activation_norm"]
     return vector, stats
 
@@ -183,11 +212,18 @@ def main(argv: list[str] | None = None) -> None:
     compute.add_argument("--max-tokens", type=int, default=8)
     compute.add_argument("--temperature", type=float, default=1.0)
     compute.add_argument("--concurrency", type=int, default=4)
-    compute.add_argument("--no-center", action="store_true",
-                         help="east: plain entropy-weighted mean (see docs/east.md)")
-    compute.add_argument("--raw-norm", action="store_true",
-                         help="east: keep the weighted mean's own norm instead of the mean "
-                         "activation norm")
+    compute.add_argument("--centring", choices=[c.value for c in Centring],
+                         help="east: 'run' centres each activation on its own run's mean (the "
+                         "paper's Eq. 1; needs a \"run\" in every prompt), 'global' on every "
+                         "prompt's mean, 'none' not at all (default: run where every prompt "
+                         "has a run, else global)")
+    compute.add_argument("--norm", choices=["raw", "activation"],
+                         help="east: keep Eq. 1's vector as it is (the paper's β) or rescale it "
+                         "to the mean activation norm (β relative; default: raw with run "
+                         "centring, else activation)")
+    compute.add_argument("--shuffled", type=int, metavar="SEED",
+                         help="east: the control vector, with the entropies permuted among the "
+                         "prompts (seeded)")
     compute.add_argument("--description", default="")
     args = parser.parse_args(argv)
 
@@ -214,11 +250,17 @@ def main(argv: list[str] | None = None) -> None:
             if args.method == "east":
                 if not args.action_pattern:
                     raise SystemExit("east needs --action-pattern")
-                vector, stats = compute_east(url, read, records, args.layer, args.samples,
-                                             args.action_pattern, args.max_tokens,
-                                             args.temperature, args.concurrency,
-                                             center=not args.no_center,
-                                             activation_norm=not args.raw_norm)
+                centring = Centring(args.centring or (
+                    "run" if all("run" in r for r in records) else "global"))
+                if centring is Centring.RUN and not all("run" in r for r in records):
+                    raise SystemExit("--centring run needs a \"run\" in every prompt (as "
+                                     "`python -m clients.bandit runs` writes)")
+                norm = args.norm or ("raw" if centring is Centring.RUN else "activation")
+                measured = sample_east(url, read, records, args.layer, args.samples,
+                                       args.action_pattern, args.max_tokens, args.temperature,
+                                       args.concurrency)
+                vector, stats = east_from_samples(measured, centring, norm == "activation",
+                                                  args.shuffled)
             else:
                 if not args.negative:
                     raise SystemExit("contrastive needs --negative")

@@ -13,6 +13,7 @@ matters when the answer is a single token); "all" steers every position, prompt 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 import torch
@@ -85,23 +86,40 @@ def action_entropy(actions: list[str | None]) -> float | None:
     return float(-(p * np.log(p)).sum())
 
 
-def east_vector(activations: torch.Tensor, entropies: torch.Tensor,
-                center: bool = True) -> torch.Tensor:
-    """EAST steering vector from per-prompt activations (N, d) and action entropies (N,).
+class Centring(str, Enum):
+    """What each activation is centred on before the entropy weighting."""
 
-    The paper describes an entropy-weighted average of the layer's activation at each prompt's
-    last token; its exact normalisation (Eq. 1) could not be checked here. This implements
-    u = Σ_i H_i (a_i − ā) / Σ_i H_i with ā the plain mean (centre=True, the default: the common
-    component every activation shares cancels, leaving the direction in which high-entropy
-    prompts differ from the average), or u = Σ_i H_i a_i / Σ_i H_i (centre=False).
+    RUN = "run"  # its own run's mean over the run's steps: the paper's Eq. 1
+    GLOBAL = "global"  # the mean over every prompt: this project's first reading
+    NONE = "none"  # nothing: the plain entropy-weighted mean
+
+
+def east_vector(activations: torch.Tensor, entropies: torch.Tensor,
+                centring: Centring = Centring.GLOBAL,
+                runs: torch.Tensor | None = None) -> torch.Tensor:
+    """EAST steering vector from activations z (N, d) at each prompt's last token and the
+    entropies h (N,) of their sampled actions' empirical distributions.
+
+    Eq. 1 of the paper: u = Σ_k Σ_t h_t^k (z_t^k − z̄^k) / Σ_k Σ_t h_t^k, with z̄^k the mean of
+    run k's activations over its steps (`Centring.RUN`; `runs` (N,) names each row's run), so
+    what every step of a run shares (its bandit, its history so far) cancels. A NaN entropy (no
+    sampled action was valid) weighs nothing, but the activation stays in its mean: Eq. 1's
+    mean runs over every step. No rescaling: β multiplies this u, as in the paper.
     """
-    a = activations.double()
-    h = entropies.double()
+    z = activations.double()
+    h = entropies.double().nan_to_num(0.0)
     if h.sum() <= 0:
         raise ValueError("every action distribution has zero entropy: no direction to weight")
-    if center:
-        a = a - a.mean(dim=0)
-    return (h @ a / h.sum()).float()
+    if centring is Centring.RUN:
+        if runs is None:
+            raise ValueError("centring on each run's mean needs each prompt's run")
+        run_of_row = torch.unique(runs, return_inverse=True)[1]
+        sums = torch.zeros(int(run_of_row.max()) + 1, z.shape[1], dtype=z.dtype)
+        sums.index_add_(0, run_of_row, z)
+        z = z - (sums / torch.bincount(run_of_row)[:, None])[run_of_row]
+    elif centring is Centring.GLOBAL:
+        z = z - z.mean(dim=0)
+    return (h @ z / h.sum()).float()
 
 
 def contrastive_vector(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:

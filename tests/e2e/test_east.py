@@ -248,6 +248,35 @@ def test_compute_east_vector_with_the_cli(server, tmp_path):
     assert '"prompts_used"' in stored["source"]
 
 
+def test_compute_east_from_logged_runs_with_the_cli(server, tmp_path):
+    """The paper's recipe: agents' runs logged against the server (each step's prompt is the
+    previous one's plus the pull it made), then a vector centred per run and kept raw."""
+    from clients.bandit import ACTION_PATTERN, log_runs
+    from clients.vectors import main as vectors_main
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    records = asyncio.run(log_runs(server.base_url, headers, runs=2, steps=3, arms=2, seed=5))
+    assert [(r["run"], r["step"]) for r in records] == [(k, t) for k in (0, 1) for t in range(3)]
+    for before, after in zip(records, records[1:]):
+        if after["run"] == before["run"]:
+            pulls = [line for line in after["messages"][0]["content"].splitlines()
+                     if line.startswith("Pull ")]
+            assert len(pulls) == after["step"]
+            assert all(line in before["messages"][0]["content"] for line in pulls[:-1])
+            if before["chosen"]:  # the pull the agent chose is the one the history shows
+                assert pulls[-1].startswith(f"Pull {after['step']}: machine {before['chosen']},")
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    vectors_main(["--url", server.base_url, "--api-key", API_KEY, "--admin-key", ADMIN_KEY,
+                  "compute", "east", "--prompts", str(path), "--layer", "15", "--name",
+                  "explore-runs", "--samples", "6", "--action-pattern", ACTION_PATTERN])
+    stored = httpx.get(f"{server.base_url}/v1/steering/vectors/explore-runs",
+                       headers=headers).json()
+    stats = json.loads(stored["source"].split(": ", 1)[1])
+    assert stats["centring"] == "run" and stats["runs"] == 2 and stats["prompts"] == 6
+    assert stored["norm"] == pytest.approx(stats["raw_norm"], rel=1e-5)  # not rescaled
+
+
 def test_steered_prompts_never_reuse_unsteered_prefix_cache(openai_client, hf_model, vectors):
     """A long prompt (several full KV blocks) is cached by an unsteered request first; the
     same prompt steered on all positions must not reuse those blocks (cache_salt), so it still

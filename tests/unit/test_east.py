@@ -122,13 +122,45 @@ def test_action_entropy():
 
 
 def test_east_vector_is_the_entropy_weighted_centred_mean():
-    from steering.east import contrastive_vector, east_vector
+    from steering.east import Centring, contrastive_vector, east_vector
 
     a = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 4.0]])
     h = torch.tensor([0.0, 1.0, 3.0])
     centred = a - a.mean(0)
     torch.testing.assert_close(east_vector(a, h), (1 * centred[1] + 3 * centred[2]) / 4)
-    torch.testing.assert_close(east_vector(a, h, center=False), (a[1] + 3 * a[2]) / 4)
+    torch.testing.assert_close(east_vector(a, h, Centring.NONE), (a[1] + 3 * a[2]) / 4)
+    # a prompt without a valid action weighs nothing but stays in the mean
+    torch.testing.assert_close(east_vector(a, torch.tensor([float("nan"), 1.0, 3.0])),
+                               east_vector(a, h))
     with pytest.raises(ValueError):
         east_vector(a, torch.zeros(3))
     torch.testing.assert_close(contrastive_vector(a[1:], a[:1]), torch.tensor([3.0, 3.0]))
+
+
+def test_east_vector_centres_each_activation_on_its_own_run():
+    """Eq. 1 of Rahn et al. written out as its two sums, against runs of unequal length in
+    shuffled order, one step without a valid action (NaN) and run ids that are not 0..K-1."""
+    from steering.east import Centring, east_vector
+
+    generator = torch.Generator().manual_seed(0)
+    runs = torch.tensor([7, 3, 7, 7, 11, 3, 11, 7, 3])
+    noise = torch.randn(len(runs), 5, generator=generator, dtype=torch.float64)
+    z = noise + 10 * runs[:, None]  # what a run's steps share
+    h = torch.rand(len(runs), generator=generator, dtype=torch.float64)
+    h[4] = float("nan")
+    numerator, total = torch.zeros(5, dtype=torch.float64), 0.0
+    for k in runs.unique().tolist():
+        steps = [i for i in range(len(runs)) if runs[i] == k]
+        mean = sum(z[i] for i in steps) / len(steps)  # (1/T) Σ_t' z_t'^k, NaN step included
+        for i in steps:
+            weight = 0.0 if torch.isnan(h[i]) else float(h[i])
+            numerator += weight * (z[i] - mean)
+            total += weight
+    got = east_vector(z, h, Centring.RUN, runs)
+    torch.testing.assert_close(got, (numerator / total).float())
+    # what a run's steps share cancels under per-run centring, not under the global one
+    torch.testing.assert_close(got, east_vector(noise, h, Centring.RUN, runs))
+    assert not torch.allclose(east_vector(z, h, Centring.GLOBAL),
+                              east_vector(noise, h, Centring.GLOBAL), atol=0.1)
+    with pytest.raises(ValueError, match="run"):
+        east_vector(z, h, Centring.RUN)
