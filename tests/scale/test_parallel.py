@@ -33,7 +33,7 @@ KINDS = {
     "plain": completion({}),
     "typical": completion({}, typical_p=0.5, temperature=0.9, seed=3),
     "east": completion({"east": {"vector": "explore", "scale": 4.0}}),
-    "hidden_states": completion({"return_hidden_states": [5, "final"]}, max_tokens=2),
+    "hidden_states": completion({"return_hidden_states": [3, "final"]}, max_tokens=2),
     "gates": completion({"gates": [{"signal": "entropy", "above": 2.0,
                                     "then": {"temperature": 0.2}}]}, temperature=1.0, seed=4),
     "vreason": completion({"vreason": {"every": 4}}),
@@ -109,7 +109,8 @@ def test_data_parallel_particles_run(data_parallel):
 
 @pytest.fixture(scope="module")
 def random_llama(folder):
-    """A Llama whose heads split over 2 ranks, random weights (seeded), the bundled tokenizer."""
+    """A Llama whose heads split over 2 ranks, random weights (seeded), the bundled tokenizer;
+    4 layers, so every layer the kinds above name (3 at most) exists in it too."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
