@@ -210,6 +210,8 @@ def run(args) -> None:
         row["valid_action_rate"] = mean_interval(row["valid"])
         row["entropy_change"] = paired_difference(row["entropies"], unsteered["entropies"])
         row["valid_change"] = paired_difference(row["valid"], unsteered["valid"])
+    for row in rows:  # JSON has no NaN: a prompt without a valid action is null
+        row["entropies"] = [None if math.isnan(h) else h for h in row["entropies"]]
     chosen = [r["chosen"] for r in runs]
     result = {"layer": args.layer, "samples_per_prompt": args.samples,
               "train_prompts": args.train, "test_prompts": args.test,
