@@ -56,6 +56,13 @@ def bandit_prompt(rng: random.Random, arms: int, pulls: int) -> dict:
     return {"messages": history_prompt(ARMS[:arms], history), "arms": arms}
 
 
+def machine_named(text: str, names: str) -> str | None:
+    """The machine a reply names (the first letter ACTION_PATTERN finds), None unless it is
+    one of `names`."""
+    match = re.search(ACTION_PATTERN, text)
+    return match.group(1) if match and match.group(1) in names else None
+
+
 def make_prompts(count: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [bandit_prompt(rng, rng.choice([2, 3, 4, 5]), rng.randint(3, 8)) for _ in range(count)]
@@ -67,7 +74,6 @@ async def log_runs(url: str, headers: dict, runs: int, steps: int, arms: int, se
     runs k and their steps t): run k has its own machines; at step t its prompt holds its own
     t pulls so far, one sampled reply picks the machine, and the reward is drawn from it. A
     reply naming no machine pulls one at random (so the run goes on) and is counted."""
-    pattern = re.compile(ACTION_PATTERN)
     names = ARMS[:arms]
     semaphore = asyncio.Semaphore(concurrency)
     records: list[dict] = []
@@ -83,8 +89,7 @@ async def log_runs(url: str, headers: dict, runs: int, steps: int, arms: int, se
                         "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 1.0,
                         "seed": rng.randrange(2**31)})
                 r.raise_for_status()
-                match = pattern.search(r.json()["choices"][0]["message"]["content"])
-                chosen = match.group(1) if match and match.group(1) in names else None
+                chosen = machine_named(r.json()["choices"][0]["message"]["content"], names)
                 records.append({"messages": messages, "arms": arms, "run": k, "step": t,
                                 "chosen": chosen})
                 arm = names.index(chosen) if chosen else rng.randrange(arms)
@@ -96,7 +101,6 @@ async def log_runs(url: str, headers: dict, runs: int, steps: int, arms: int, se
 
 async def sample_actions(url: str, headers: dict, records: list[dict], samples: int,
                          steering: dict | None, concurrency: int = 4) -> list[list[str | None]]:
-    pattern = re.compile(ACTION_PATTERN)
     semaphore = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as client:
         async def one(i: int, record: dict):
@@ -107,12 +111,8 @@ async def sample_actions(url: str, headers: dict, records: list[dict], samples: 
             async with semaphore:
                 r = await client.post("/v1/chat/completions", json=body)
             r.raise_for_status()
-            valid = set(ARMS[: record["arms"]])
-            actions = []
-            for choice in r.json()["choices"]:
-                m = pattern.search(choice["message"]["content"])
-                actions.append(m.group(1) if m and m.group(1) in valid else None)
-            return actions
+            return [machine_named(choice["message"]["content"], ARMS[:record["arms"]])
+                    for choice in r.json()["choices"]]
         return await asyncio.gather(*(one(i, rec) for i, rec in enumerate(records)))
 
 

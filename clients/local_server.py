@@ -32,8 +32,11 @@ class LocalServer:
                 [*cmd, "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
 
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+    def log_tail(self, lines: int = 60, without: str | None = None) -> str:
+        """The log's last `lines`, leaving out those that contain `without`."""
+        kept = [line for line in self.log_path.read_text(errors="replace").splitlines()
+                if without is None or without not in line]
+        return "\n".join(kept[-lines:])
 
     def wait_healthy(self, timeout: float = 900) -> LocalServer:
         deadline = time.monotonic() + timeout

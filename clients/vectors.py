@@ -250,9 +250,9 @@ def main(argv: list[str] | None = None) -> None:
             if args.method == "east":
                 if not args.action_pattern:
                     raise SystemExit("east needs --action-pattern")
-                centring = Centring(args.centring or (
-                    "run" if all("run" in r for r in records) else "global"))
-                if centring is Centring.RUN and not all("run" in r for r in records):
+                has_runs = all("run" in r for r in records)
+                centring = Centring(args.centring or ("run" if has_runs else "global"))
+                if centring is Centring.RUN and not has_runs:
                     raise SystemExit("--centring run needs a \"run\" in every prompt (as "
                                      "`python -m clients.bandit runs` writes)")
                 norm = args.norm or ("raw" if centring is Centring.RUN else "activation")

@@ -61,13 +61,6 @@ def reap(server) -> None:
         process.kill()
 
 
-def log_without_polls(server, lines: int = 80) -> str:
-    """The server log's tail without the access lines of this module's /metrics polling."""
-    kept = [line for line in server.log_path.read_text(errors="replace").splitlines()
-            if '"GET /metrics' not in line]
-    return "\n".join(kept[-lines:])
-
-
 def wait_until(condition, timeout: float, step: float = 0.25) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -144,7 +137,7 @@ def first_life(folder, no_scorer):
             assert wait_until(all_running, 60), (
                 f"at most {max(seen)} engine requests ran at once; finished: "
                 f"{[str(f.result())[:300] if f.done() else 'running' for f in flights]}\n"
-                f"{log_without_polls(server)}")
+                + server.log_tail(80, without='"GET /metrics'))
             members = [command(p) for p in session_members(server)]
             server.process.send_signal(signal.SIGTERM)
             stopped = time.monotonic()
