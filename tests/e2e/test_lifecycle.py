@@ -24,9 +24,9 @@ from tests.prometheus import metric
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 KEYS = {"Authorization": f"Bearer {API_KEY}"}
 MODEL = "SmolLM2-135M-Instruct"
-# The plain requests of the SIGTERM test: long enough to still run while the particle filter's
-# engine requests (its steps end at a blank line) come and go.
+# Each request of the SIGTERM test: long enough to still run when the last is admitted.
 LONG = 160
+NEVER = "\u2603\u2603\u2603"  # a particle step delimiter the model does not write
 
 
 def start(folder, name: str, scorer: str, *extra: str):
@@ -79,6 +79,19 @@ def running(server) -> float:
     return gauge(server, "vllm:num_requests_running")
 
 
+def held(server) -> float:
+    """Sequences admitted and not yet answered: the server's own count, exact at each
+    request's admission and answer (vLLM's gauges follow engine steps)."""
+    return gauge(server, "steer_held_sequences")
+
+
+def outcomes_so_far(server, flights) -> str:
+    """Why a wait for admissions failed: each request's outcome and the server's log."""
+    return (f"held {held(server)}; outcomes: "
+            f"{[str(f.result())[:300] if f.done() else 'running' for f in flights]}\n"
+            + server.log_tail(80, without='"GET /metrics'))
+
+
 def completion(server, stream: bool = False, **body) -> dict:
     """One request's outcome: status and body, or the stream's events."""
     payload = {"model": MODEL, "prompt": "Tell me a long story about a ship.", "max_tokens": 48,
@@ -109,7 +122,7 @@ def no_scorer():
 @pytest.fixture(scope="module")
 def first_life(folder, no_scorer):
     """Uploads, deletes a bundled vector, then SIGTERM (to the server process only, as
-    container runtimes do) with three requests in flight."""
+    container runtimes do) with three requests in flight: admitted, none able to finish yet."""
     server = start(folder, "first", no_scorer)
     try:
         probe = httpx.get(f"{server.base_url}/v1/steering/probes/default", headers=KEYS,
@@ -124,20 +137,14 @@ def first_life(folder, no_scorer):
         assert httpx.delete(f"{server.base_url}/v1/steering/vectors/explore",
                             headers=ADMIN).status_code == 200
         with ThreadPoolExecutor(3) as pool:
-            flights = [pool.submit(completion, server, max_tokens=LONG),
-                       pool.submit(completion, server, stream=True, max_tokens=LONG),
-                       pool.submit(completion, server, steering={
-                           "particles": {"n": 2, "max_steps": 2}})]
-            seen: list[float] = []
-
-            def all_running() -> bool:
-                seen.append(running(server))
-                return seen[-1] >= 3
-
-            assert wait_until(all_running, 60), (
-                f"at most {max(seen)} engine requests ran at once; finished: "
-                f"{[str(f.result())[:300] if f.done() else 'running' for f in flights]}\n"
-                + server.log_tail(80, without='"GET /metrics'))
+            # The particle filter first, its one step as long as the plain requests (its
+            # delimiter never comes), so none can finish before all three are admitted.
+            flights = [pool.submit(completion, server, max_tokens=LONG, steering={
+                "particles": {"n": 2, "max_steps": 2, "step_delimiter": NEVER}})]
+            assert wait_until(lambda: held(server) == 2, 60), outcomes_so_far(server, flights)
+            flights += [pool.submit(completion, server, max_tokens=LONG),
+                        pool.submit(completion, server, stream=True, max_tokens=LONG)]
+            assert wait_until(lambda: held(server) == 4, 60), outcomes_so_far(server, flights)
             members = [command(p) for p in session_members(server)]
             server.process.send_signal(signal.SIGTERM)
             stopped = time.monotonic()
@@ -151,7 +158,7 @@ def first_life(folder, no_scorer):
 
 
 def test_sigterm_lets_in_flight_requests_finish(first_life):
-    plain, streamed, particles = first_life["outcomes"]
+    particles, plain, streamed = first_life["outcomes"]
     assert plain["status"] == 200, plain
     assert plain["body"]["usage"]["completion_tokens"] == LONG
     assert streamed["status"] == 200 and streamed["events"][-1] == "[DONE]"
@@ -229,10 +236,6 @@ def test_unreachable_reward_scorer_is_a_502_at_once(second_life):
     error = r.json()["error"]
     assert error["type"] == "upstream_error" and "reward scorer" in error["message"]
     assert "ConnectError" in error["message"] and time.monotonic() - started < 20
-
-
-def held(server) -> float:
-    return gauge(server, "steer_held_sequences")
 
 
 def test_overload_is_a_429_at_once_and_admitted_requests_finish(second_life):
