@@ -3,11 +3,13 @@
 `run` starts a server on the bundled model (or uses --url), self-labels training problems
 (`steer probe label`), trains the probe (`steer probe train`), uploads it, and then answers
 held-out problems with each fixed strategy and with DiffAdapt, reporting accuracy and mean
-output tokens. Fixed strategies send the same prompt, temperature and budget the server would
-pick for that class.
+output tokens with 95% intervals (clients/stats.py). Fixed strategies send the same framing
+(instruction, system prompt, prefill), temperature, top-p and budget the server would pick for
+that class. Each recipe's results go to OUT/<recipe>/; OUT/strategies.png plots every recipe
+run so far.
 
-    python -m clients.diffadapt_eval run --out docs/diffadapt \\
-        --probe-out server/bundled/difficulty-probe.safetensors
+    python -m clients.diffadapt_eval run --recipe paper --out docs/diffadapt \\
+        --probe-out server/bundled/difficulty-probe-paper.safetensors
 """
 
 from __future__ import annotations
@@ -23,34 +25,37 @@ from pathlib import Path
 import httpx
 
 from clients.http import check
-from clients.probes import label, probe_meta, train, upload
+from clients.probes import conversation, label, probe_meta, thinks, train, upload
 from clients.problems import Problem, generate, is_correct, write_text_atomic
 from steering.artifacts import write_artifact
-from steering.diffadapt import CLASSES, DEFAULT_STRATEGIES
+from steering.diffadapt import CLASSES, RECIPES, Recipe
 
 PROBE_NAME = "diffadapt-eval"
 
 
-async def answer(url: str, problems: list[Problem], method: str, samples: int,
+async def answer(url: str, problems: list[Problem], method: str, recipe: Recipe, samples: int,
                  max_tokens: int, concurrency: int) -> list[dict]:
-    """`samples` answers per problem with a fixed strategy (`method` a class name), DiffAdapt
-    ('diffadapt') or the plain question at temperature 0.8 ('plain')."""
+    """`samples` answers per problem with one of the recipe's fixed strategies (`method` a
+    class name), DiffAdapt ('diffadapt') or the plain question at temperature 0.8 ('plain')."""
     gate = asyncio.Semaphore(concurrency)
 
     async with httpx.AsyncClient(base_url=url, timeout=900) as client:
+        model_thinks = await thinks(client)
+
         async def one(problem: Problem) -> dict:
-            body: dict = {"n": samples, "max_tokens": max_tokens}
-            question = problem.question
+            body: dict = {"n": samples, "max_tokens": max_tokens,
+                          "messages": [{"role": "user", "content": problem.question}]}
             if method == "diffadapt":
                 body["steering"] = {"diffadapt": {"probe": PROBE_NAME}}
             elif method == "plain":
                 body["temperature"] = 0.8
             else:
-                strategy = DEFAULT_STRATEGIES[method]
-                question = strategy.prompt.replace("{question}", question)
-                body |= {"temperature": strategy.temperature,
-                         "max_tokens": round(strategy.budget * max_tokens)}
-            body["messages"] = [{"role": "user", "content": question}]
+                strategy = RECIPES[recipe].strategies[method].for_model(model_thinks)
+                body |= conversation(strategy, problem.question) | {
+                    "temperature": strategy.temperature,
+                    "max_tokens": round(strategy.budget * max_tokens)}
+                if strategy.top_p is not None:
+                    body["top_p"] = strategy.top_p
             async with gate:
                 reply = check(await client.post("/v1/chat/completions", json=body))
             choices = reply["choices"]
@@ -62,11 +67,18 @@ async def answer(url: str, problems: list[Problem], method: str, samples: int,
         return list(await asyncio.gather(*(one(p) for p in problems)))
 
 
+BUNDLED_NAMES = {Recipe.VARIANT: "default", Recipe.PAPER: "paper"}
+
+
 def run(args) -> None:
+    """One recipe: label, train, store the probe, answer the held-out problems with every
+    fixed strategy and with DiffAdapt; `out/<recipe>/results.json` keeps every problem's
+    outcome so each comparison gets a paired interval."""
     from clients.local_server import steer_server
 
+    recipe = Recipe(args.recipe)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / recipe.value).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="diffadapt-"))
     training = generate(args.train, seed=1)
     seen = {p.question for p in training}
@@ -75,70 +87,109 @@ def run(args) -> None:
     url = args.url or server.base_url
     try:
         started = time.monotonic()
-        labelled = label(url, {}, training, args.samples, 0.8, args.max_tokens, 8,
-                         None, None, None)
+        labelled = label(url, {}, training, recipe, args.max_tokens, 8, args.samples)
         write_text_atomic(work / "labels.json", json.dumps(labelled))
         label_seconds = time.monotonic() - started
         probe, metrics = train(labelled, args.width, 100, 0.3, seed=0)
-        meta = probe_meta("default", probe, labelled, metrics,
-                          "python -m clients.diffadapt_eval run (docs/diffadapt.md)",
-                          "DiffAdapt difficulty probe for the bundled model, trained on the "
-                          "project's arithmetic / counting / comparison problems")
+        meta = probe_meta(BUNDLED_NAMES[recipe], probe, labelled, metrics,
+                          f"python -m clients.diffadapt_eval run --recipe {recipe.value} "
+                          "(docs/diffadapt.md)",
+                          f"DiffAdapt difficulty probe ({recipe.value} recipe) for the bundled "
+                          "model, trained on the project's arithmetic / counting / comparison "
+                          "problems")
         if args.probe_out:
             write_artifact(Path(args.probe_out), probe.tensors(), meta)
         upload(url, {}, PROBE_NAME, probe.tensors(), meta)
         rows = []
         for method in ("plain", *CLASSES, "diffadapt"):
             started = time.monotonic()
-            results = asyncio.run(answer(url, held_out, method, args.eval_samples,
+            results = asyncio.run(answer(url, held_out, method, recipe, args.eval_samples,
                                          args.max_tokens, 8))
-            row = {"method": method,
-                   "accuracy": statistics.fmean(r["correct"] for r in results),
-                   "output_tokens": statistics.fmean(r["tokens"] for r in results),
-                   "seconds": time.monotonic() - started}
+            row = {"method": method, "seconds": time.monotonic() - started,
+                   "correct": [r["correct"] for r in results],
+                   "tokens": [r["tokens"] for r in results]}
             if method == "diffadapt":
                 row["classes"] = {c: sum(r["class"] == c for r in results) for c in CLASSES}
             rows.append(row)
-            print(json.dumps(row))
+            print(json.dumps({k: v for k, v in row.items() if k not in ("correct", "tokens")}))
         model = check(httpx.get(f"{url}/v1/models"))["data"][0]["id"]
     finally:
         if server is not None:
             server.stop()
     counts = {c: sum(r["label"] == c for r in labelled["questions"]) for c in CLASSES}
-    report = {"model": model, "train_questions": len(training),
-              "held_out_questions": len(held_out), "label_samples": args.samples,
+    report = {"model": model, "recipe": recipe.value, "train_questions": len(training),
+              "held_out_questions": len(held_out), "label_samples": labelled["samples"],
+              "label_temperature": labelled["temperature"], "label_top_p": labelled["top_p"],
               "eval_samples": args.eval_samples, "max_tokens": args.max_tokens,
               "thresholds": labelled["thresholds"], "label_counts": counts,
               "label_seconds": label_seconds, "probe": metrics, "strategies": rows}
-    write_text_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")
-    write_text_atomic(out / "results.md", markdown(report))
+    write_text_atomic(out / recipe.value / "results.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / recipe.value / "results.md", markdown(report))
+    plot([json.loads((out / r.value / "results.json").read_text()) for r in Recipe
+          if (out / r.value / "results.json").exists()], out / "strategies.png")
     print(markdown(report))
 
 
 def markdown(report: dict) -> str:
+    from clients.stats import interval_text, mean_interval, paired_difference
+
     p = report["probe"]
+    t = report["thresholds"]
     lines = [
-        f"Model {report['model']}; {report['train_questions']} training problems labelled with "
-        f"k = {report['label_samples']} answers each (thresholds α = "
-        f"{report['thresholds']['alpha']:.3f}, β = {report['thresholds']['beta']:.3f} nats, "
-        f"γ = {report['thresholds']['gamma']:.3f}; classes {report['label_counts']}).", "",
-        "| probe (held-out split) | accuracy |", "|---|---|",
-        f"| 2-layer MLP | {p['held_out_accuracy']:.3f} |",
-        f"| linear head | {p['linear_accuracy']:.3f} |",
-        f"| majority class | {p['majority_accuracy']:.3f} |", "",
+        f"Recipe **{report['recipe']}**, model {report['model']}; {report['train_questions']} "
+        f"training problems labelled with k = {report['label_samples']} answers each "
+        f"(T = {report['label_temperature']}, top-p {report['label_top_p']}; thresholds "
+        f"α = {t['alpha']:.3f}, β = {t['beta']:.3f} nats, γ = {t['gamma']:.3f}; classes "
+        f"{report['label_counts']}).", "",
+        "| probe (held-out split) | accuracy | macro-F1 |", "|---|---|---|",
+        f"| 2-layer MLP | {p['held_out_accuracy']:.3f} | {p['held_out_macro_f1']:.3f} |",
+        f"| linear head | {p['linear_accuracy']:.3f} | |",
+        f"| majority class | {p['majority_accuracy']:.3f} | |", "",
         f"{report['held_out_questions']} held-out problems, {report['eval_samples']} answers "
-        f"each, Max = {report['max_tokens']} tokens:", "",
-        "| strategy | accuracy | mean output tokens | wall time (s) |", "|---|---|---|---|",
+        f"each, Max = {report['max_tokens']} tokens; 95% bootstrap intervals over problems, "
+        "and paired against always-normal (the same problems):", "",
+        "| strategy | accuracy | Δ accuracy vs normal | mean output tokens | Δ tokens vs normal "
+        "| wall time (s) |", "|---|---|---|---|---|---|",
     ]
+    normal = next(r for r in report["strategies"] if r["method"] == "normal")
     for row in report["strategies"]:
         name = {"plain": "plain question, T = 0.8, Max"}.get(row["method"], row["method"])
         if row["method"] in CLASSES:
             name = f"always {row['method']}"
         if "classes" in row:
             name += f" (picked {row['classes']})"
-        lines.append(f"| {name} | {row['accuracy']:.3f} | {row['output_tokens']:.1f} | "
-                     f"{row['seconds']:.0f} |")
+        cells = [name, interval_text(mean_interval(row["correct"])), "",
+                 interval_text(mean_interval(row["tokens"]), 1), "", f"{row['seconds']:.0f}"]
+        if row is not normal:
+            cells[2] = interval_text(paired_difference(row["correct"], normal["correct"]))
+            cells[4] = interval_text(paired_difference(row["tokens"], normal["tokens"]), 1)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot(reports: list[dict], path: Path) -> None:
+    """Accuracy against output tokens per strategy, one panel per recipe, with intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from clients.stats import mean_interval
+
+    fig, axes = plt.subplots(1, len(reports), figsize=(5.5 * len(reports), 4.5), squeeze=False)
+    for ax, report in zip(axes[0], reports):
+        for row in report["strategies"]:
+            acc, tokens = mean_interval(row["correct"]), mean_interval(row["tokens"])
+            ax.errorbar(tokens[0], acc[0],
+                        xerr=[[tokens[0] - tokens[1]], [tokens[2] - tokens[0]]],
+                        yerr=[[acc[0] - acc[1]], [acc[2] - acc[0]]], fmt="o", capsize=3,
+                        label=row["method"])
+        ax.set_title(f"DiffAdapt, {report['recipe']} recipe, {report['model']}")
+        ax.set_xlabel("mean output tokens")
+        ax.set_ylabel("accuracy (95% bootstrap interval)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,10 +202,11 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--probe-out", type=Path, help="also write the probe file here")
     r.add_argument("--train", type=int, default=360, help="training problems")
     r.add_argument("--test", type=int, default=150, help="held-out problems")
+    r.add_argument("--recipe", choices=[r.value for r in Recipe], default=Recipe.VARIANT.value)
     r.add_argument("--samples", type=int, default=6, help="answers per training problem")
     r.add_argument("--eval-samples", type=int, default=2, help="answers per held-out problem")
     r.add_argument("--max-tokens", type=int, default=256, help="the strategies' Max")
-    r.add_argument("--width", type=int, default=256)
+    r.add_argument("--width", type=int, help="default: the recipe's")
     args = parser.parse_args(argv)
     run(args)
 

@@ -87,14 +87,16 @@ def generate(count: int, seed: int = 0, levels=LEVELS, kinds=tuple(KINDS)) -> li
     return problems
 
 
+_BOXED = re.compile(r"\\boxed\{\s*(-?\d[\d,]*)\s*\}")
 _ANSWER = re.compile(r"answer\s*(?:is)?\s*[:=]?\s*\**\s*(-?\d[\d,]*)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*")
 
 
 def extract_answer(text: str) -> int | None:
-    """The number after the last 'Answer:' (or 'answer is'); else the last number in the text."""
-    marked = _ANSWER.findall(text)
-    found = marked or _NUMBER.findall(text)
+    """The number in the last \\boxed{N} of the reply's answer (after its thinking, when that
+    closed); else after the last 'Answer:' (or 'answer is'); else the last number."""
+    text = text.rsplit("</think>", 1)[-1]
+    found = _BOXED.findall(text) or _ANSWER.findall(text) or _NUMBER.findall(text)
     if not found:
         return None
     try:

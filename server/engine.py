@@ -666,6 +666,7 @@ class PromptOverride:
     """Per-prompt changes to the sampling parameters (DiffAdapt's chosen strategy)."""
 
     temperature: float | None = None
+    top_p: float | None = None
     max_tokens: int | None = None
 
 
@@ -729,6 +730,8 @@ class SteeringClient:
                 params.seed += j
             if override.temperature is not None:
                 params.temperature = override.temperature
+            if override.top_p is not None:
+                params.top_p = override.top_p
             if override.max_tokens is not None:
                 params.max_tokens = override.max_tokens
             children.append(self._choice(session, ordinal * n + j, j, prompt, params,

@@ -109,15 +109,27 @@ class East(Method):
 
 class StrategyReport(Report):
     prompt: str
+    prefill: str
+    system: str
     temperature: float
+    top_p: float | None
     budget: float
     max_tokens: int
 
 
+class ProbePosition(Report):
+    """The probe read the last token of the question wrapped in `prompt`, then `prefill`."""
+
+    prompt: str
+    prefill: str
+
+
 class DiffAdaptReport(Report):
     probe: str
+    recipe: Literal["paper", "variant"]
     difficulty: str
     probabilities: dict[str, float]
+    probe_position: ProbePosition
     strategy: StrategyReport
 
 

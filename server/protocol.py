@@ -56,6 +56,9 @@ class StrategyOverride(StrictModel):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     budget: Annotated[float, Field(gt=0, le=1, description=(
         "fraction of the request's max tokens"))] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    prefill: Annotated[str, Field(max_length=4096, description=(
+        "the start of the assistant's answer, which the model continues"))] | None = None
 
     @model_validator(mode="after")
     def _one_placeholder(self):
@@ -211,6 +214,9 @@ class ProbeUpload(StrictModel):
         description="tensors by name: feature_mean, feature_scale, net.0.weight, net.0.bias "
         "(and net.2.* for the MLP)")
     thresholds: ProbeThresholds
+    recipe: Literal["paper", "variant"] = Field(
+        default="variant", description="how it was made and is served: the authors' DiffAdapt "
+        "or this project's variant (see docs/diffadapt.md)")
     metrics: dict[str, float | int] = {}
     model: str | None = Field(default=None, description="must be the served model if given")
     source: Annotated[str, Field(max_length=1024)] = ""

@@ -59,6 +59,7 @@ from server.requests import (
     GenerationRequest,
     TokenizeRequest,
 )
+from steering.diffadapt import Framing
 
 logger = logging.getLogger("entropy_steer.routes")
 
@@ -269,9 +270,11 @@ async def _steered(dialect: Dialect, state: ServerState, body: GenerationRequest
 
 async def _diffadapt(dialect: Dialect, state: ServerState, body: GenerationRequest,
                      plan: Plan, session: SteeringSession):
-    """Probe each question, then the request as the strategies rewrite it (their prompts), with
-    each prompt's temperature and budget set in the session."""
-    reject_conflicts(body)
+    """Probe each question, then the request as the strategies frame it, with each prompt's
+    temperature, top-p and budget set in the session."""
+    options = plan.get("diffadapt")
+    recipe = state.router.recipe(options)  # a 404 before any work
+    reject_conflicts(body, recipe)
     limit = body.token_limit if "max_tokens" in body.model_fields_set \
         or "max_completion_tokens" in body.model_fields_set else None
     if dialect is CHAT:
@@ -281,32 +284,52 @@ async def _diffadapt(dialect: Dialect, state: ServerState, body: GenerationReque
         if last_user is None or not isinstance(messages[last_user].get("content"), str):
             raise InvalidRequest("steering.diffadapt needs a user message with text content "
                                  "(the question)", "messages")
+        if recipe.chat_only and (last_user != len(messages) - 1
+                                 or "continue_final_message" in body.model_fields_set):
+            raise InvalidRequest("a paper-recipe probe continues the conversation with its own "
+                                 "assistant prefill: the last message must be the user's "
+                                 "question, without continue_final_message", "messages")
+        has_system = any(m.get("role") in ("system", "developer") for m in messages)
 
-        def asking(question: str):
+        def asking(question: str, framing: Framing):
             changed = [*messages]
-            changed[last_user] = {**messages[last_user], "content": question}
-            return body.model_copy(update={"messages": changed})
+            changed[last_user] = {**messages[last_user], "content": framing.wrap(question)}
+            if framing.system and not has_system:
+                changed.insert(0, {"role": "system", "content": framing.system})
+            update = {"messages": changed}
+            if framing.prefill:  # the model continues the assistant's turn from it
+                changed.append({"role": "assistant", "content": framing.prefill})
+                update |= {"continue_final_message": True, "add_generation_prompt": False}
+            return body.model_copy(update=update)
 
-        async def render(question: str) -> list[int]:
-            return (await CHAT.prompt_ids(state.serving, asking(question)))[0]
+        async def render(question: str, framing: Framing) -> list[int]:
+            return (await CHAT.prompt_ids(state.serving, asking(question, framing)))[0]
 
         questions = [messages[last_user]["content"]]
     else:
+        if recipe.chat_only:
+            raise InvalidRequest("a paper-recipe probe reads the question through the chat "
+                                 "template: send it to /v1/chat/completions",
+                                 "steering.diffadapt.probe")
         questions = body.prompts()
         if not all(isinstance(q, str) for q in questions):
             raise InvalidRequest("steering.diffadapt wraps the question in a strategy prompt: "
                                  "send the prompt as text", "prompt")
 
-        async def render(question: str) -> list[int]:
-            return state.engine.encode(question)
+        async def render(question: str, framing: Framing) -> list[int]:
+            return state.engine.encode(framing.wrap(question) + framing.prefill)
 
-    decisions = await state.router.route(plan.get("diffadapt"), questions, render, limit)
-    wrapped = [d.wrap(q) for d, q in zip(decisions, questions)]
-    body = asking(wrapped[0]) if dialect is CHAT else body.model_copy(update={"prompt": wrapped})
+    decisions = await state.router.route(options, questions, render, limit)
+    if dialect is CHAT:
+        body = asking(questions[0], decisions[0].strategy)
+    else:
+        body = body.model_copy(update={"prompt": [d.strategy.wrap(q) + d.strategy.prefill
+                                                  for d, q in zip(decisions, questions)]})
     body.bind(session.id)
     for ordinal, decision in enumerate(decisions):
-        session.overrides[ordinal] = PromptOverride(
-            temperature=decision.strategy.temperature, max_tokens=decision.max_tokens)
+        s = decision.strategy
+        session.overrides[ordinal] = PromptOverride(temperature=s.temperature, top_p=s.top_p,
+                                                    max_tokens=decision.max_tokens)
     return body, decisions
 
 

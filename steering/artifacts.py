@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from steering.diffadapt import CLASSES, DifficultyProbe
+from steering.diffadapt import CLASSES, DifficultyProbe, Recipe
 
 logger = logging.getLogger("entropy_steer.artifacts")
 
@@ -76,6 +76,7 @@ class ProbeMeta:
     source: str
     description: str
     created: float
+    recipe: str = Recipe.VARIANT.value  # files written before recipes existed are the variant's
 
 
 def is_valid_name(name: object) -> bool:
@@ -289,7 +290,7 @@ class ProbeStore(_Store[DifficultyProbe, ProbeMeta]):
 
     def put(self, name: str, tensors: dict[str, torch.Tensor], *, thresholds: dict,
             metrics: dict | None = None, source: str = "", description: str = "",
-            model: str | None = None) -> ProbeMeta:
+            model: str | None = None, recipe: str = Recipe.VARIANT.value) -> ProbeMeta:
         try:
             probe = DifficultyProbe.from_tensors(tensors)
         except ValueError as exc:
@@ -297,7 +298,8 @@ class ProbeStore(_Store[DifficultyProbe, ProbeMeta]):
         meta = ProbeMeta(name=check_name(name), model=self.model if model is None else model,
                          hidden_size=probe.hidden_size, width=probe.width, classes=list(CLASSES),
                          thresholds=dict(thresholds), metrics=dict(metrics or {}),
-                         source=source, description=description, created=time.time())
+                         source=source, description=description, created=time.time(),
+                         recipe=recipe)
         return self._store(probe, meta, probe.tensors())
 
     def _check(self, probe: DifficultyProbe, meta: ProbeMeta) -> None:
@@ -312,6 +314,9 @@ class ProbeStore(_Store[DifficultyProbe, ProbeMeta]):
                 isinstance(v, (int, float)) and math.isfinite(v) for v in values.values()):
             raise ArtifactError("thresholds must be finite numbers alpha, beta and gamma",
                                 "thresholds")
+        if meta.recipe not in {r.value for r in Recipe}:
+            raise ArtifactError(f"a probe's recipe is one of {[r.value for r in Recipe]}",
+                                "recipe")
 
     def _payload(self, tensors, meta):
         return DifficultyProbe.from_tensors(tensors)

@@ -8,6 +8,7 @@ import httpx
 import pytest
 import torch
 
+from steering.diffadapt import CLASSES, RECIPES, Recipe, difficulty_labels
 from tests.conftest import ADMIN_KEY, API_KEY
 from tests.prometheus import metric
 
@@ -103,8 +104,10 @@ def test_request_strategy_overrides_and_composition(http, probes):
     assert report["methods"] == ["diffadapt", "east", "typical"]
     assert report["diffadapt"]["difficulty"] == "hard"
     assert report["diffadapt"]["strategy"] == {
-        "prompt": override["hard"]["prompt"], "temperature": 0.0, "budget": 0.25,
-        "max_tokens": 8}
+        "prompt": override["hard"]["prompt"], "prefill": "", "system": "", "temperature": 0.0,
+        "top_p": None, "budget": 0.25, "max_tokens": 8}
+    assert report["diffadapt"]["recipe"] == "variant"
+    assert report["diffadapt"]["probe_position"] == {"prompt": "{question}", "prefill": ""}
     assert len(choice["token_ids"]) <= 8 and report["east"][0]["vector"] == "explore"
 
 
@@ -243,3 +246,143 @@ def test_label_and_train_with_the_cli(server, tmp_path, capsys):
                        headers={"Authorization": f"Bearer {API_KEY}"}).json()
     assert stored["width"] == 8 and stored["thresholds"] == labelled["thresholds"]
     probe_main([*keys, "delete", "cli-probe"])
+
+
+# The paper's recipe (the authors' code): the bundled SmolLM2 has no <think> tokens, so its
+# texts run without the tags.
+PAPER = RECIPES[Recipe.PAPER]
+
+
+def hf_render(hf_model, messages: list[dict]) -> list[int]:
+    """HF's chat template continuing the final (assistant) message: the reference rendering."""
+    _, tokenizer = hf_model
+    text = tokenizer.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def paper_probe_messages(question: str) -> list[dict]:
+    framing = PAPER.probe_framing.for_model(False)
+    return [{"role": "user", "content": framing.wrap(question)},
+            {"role": "assistant", "content": framing.prefill}]
+
+
+@pytest.fixture(scope="module")
+def paper_probes(admin_http, hf_model):
+    """'paper-a': a paper-recipe probe that is Easy exactly for QUESTIONS[0] read after the
+    difficulty prefill; 'paper-normal': Normal for everything."""
+    model, _ = hf_model
+    ids = hf_render(hf_model, paper_probe_messages(QUESTIONS[0]))
+    with torch.no_grad():
+        features = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+    normal = {"feature_mean": [0.0] * 576, "feature_scale": [1.0] * 576,
+              "net.0.weight": [[0.0] * 576] * 3, "net.0.bias": [0.0, 9.0, 0.0]}
+    for name, weights in (("paper-a", pointer_probe(features)), ("paper-normal", normal)):
+        r = admin_http.post("/v1/steering/probes", json={
+            "name": name, "weights": weights, "thresholds": vars(PAPER.thresholds),
+            "recipe": "paper", "description": "test"})
+        assert r.status_code == 201 and r.json()["recipe"] == "paper", r.text
+    yield ids
+    for name in ("paper-a", "paper-normal"):
+        admin_http.delete(f"/v1/steering/probes/{name}")
+
+
+def test_paper_probe_reads_after_the_difficulty_prefill_and_prefills_its_strategy(
+        http, hf_model, paper_probes):
+    """The probe's probabilities are its formula on HF's hidden state at the last token of the
+    difficulty prefill (rendered by HF's chat template); the answer continues the Easy
+    strategy's prefill after the paper's system prompt, with its temperature, top-p and budget,
+    token for token as the same conversation sent plainly."""
+    choice = chat(http, QUESTIONS[0], max_tokens=100, seed=5,
+                  steering={"diffadapt": {"probe": "paper-a"}})[0]
+    report = choice["steering"]["diffadapt"]
+    expected = torch.softmax(torch.tensor([1.0, 0.0, -1.0]), 0).tolist()
+    assert [report["probabilities"][c] for c in CLASSES] == pytest.approx(expected, abs=1e-3)
+    framing = PAPER.probe_framing.for_model(False)
+    assert report["recipe"] == "paper" and report["difficulty"] == "easy"
+    assert report["probe_position"] == {"prompt": framing.prompt, "prefill": framing.prefill}
+    easy = PAPER.strategies["easy"].for_model(False)
+    assert report["strategy"] == {"prompt": easy.prompt, "prefill": easy.prefill,
+                                  "system": easy.system, "temperature": 0.5, "top_p": 1.0,
+                                  "budget": 0.4, "max_tokens": 40}
+    messages = [{"role": "system", "content": easy.system},
+                {"role": "user", "content": easy.wrap(QUESTIONS[0])},
+                {"role": "assistant", "content": easy.prefill}]
+    assert choice["prompt_token_ids"] == hf_render(hf_model, messages)
+    plain = http.post("/v1/chat/completions", json={
+        "messages": messages, "continue_final_message": True, "add_generation_prompt": False,
+        "max_tokens": 40, "seed": 5, "temperature": 0.5, "top_p": 1.0,
+        "return_token_ids": True}).json()["choices"][0]
+    assert choice["token_ids"] == plain["token_ids"]
+
+
+def test_paper_normal_strategy_samples_with_top_p(http, hf_model, paper_probes):
+    """Normal: T 0.8 and top-p 0.95; a system message the client sent is kept."""
+    system = {"role": "system", "content": "Be brief."}
+    r = http.post("/v1/chat/completions", json={
+        "messages": [system, {"role": "user", "content": QUESTIONS[1]}], "max_tokens": 30,
+        "seed": 8, "return_token_ids": True,
+        "steering": {"diffadapt": {"probe": "paper-normal"}}})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    normal = PAPER.strategies["normal"].for_model(False)
+    messages = [system, {"role": "user", "content": normal.wrap(QUESTIONS[1])},
+                {"role": "assistant", "content": normal.prefill}]
+    assert choice["prompt_token_ids"] == hf_render(hf_model, messages)
+    plain = http.post("/v1/chat/completions", json={
+        "messages": messages, "continue_final_message": True, "add_generation_prompt": False,
+        "max_tokens": 30, "seed": 8, "temperature": 0.8, "top_p": 0.95,
+        "return_token_ids": True}).json()["choices"][0]
+    assert choice["token_ids"] == plain["token_ids"]
+    assert choice["steering"]["diffadapt"]["strategy"]["top_p"] == 0.95
+
+
+def test_bad_paper_recipe_requests(http, paper_probes):
+    paper = {"diffadapt": {"probe": "paper-normal"}}
+    r = http.post("/v1/completions", json={"prompt": "What is 2 + 2?", "max_tokens": 2,
+                                           "steering": paper})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "steering.diffadapt.probe"
+    r = http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "top_p": 0.5, "max_tokens": 2,
+        "steering": paper})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_p"
+    r = http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "So"}],
+        "max_tokens": 2, "steering": paper})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert chat(http, "hi", max_tokens=2, steering=paper)  # and the server still serves
+
+
+def test_label_and_train_the_paper_recipe_with_the_cli(http, server, tmp_path, capsys):
+    """Features at the paper's position, the authors' top-10 entropy from the sampled answers'
+    log-probs, their thresholds and rule; training keeps the best validation macro-F1."""
+    from clients.probes import main as probe_main
+    from clients.problems import generate, write_jsonl
+
+    problems = tmp_path / "problems.jsonl"
+    write_jsonl(generate(10, seed=6), problems)
+    labels = tmp_path / "labels.json"
+    keys = ["--url", server.base_url, "--api-key", API_KEY, "--admin-key", ADMIN_KEY]
+    probe_main([*keys, "label", "--recipe", "paper", "--problems", str(problems),
+                "--samples", "2", "--max-tokens", "16", "--out", str(labels)])
+    labelled = json.loads(labels.read_text())
+    assert (labelled["recipe"], labelled["top_logprobs"], labelled["temperature"]) == (
+        "paper", 10, 0.6)
+    assert labelled["thresholds"] == vars(PAPER.thresholds)
+    rows = labelled["questions"]
+    want = difficulty_labels(torch.tensor([r["accuracy"] for r in rows]),
+                             torch.tensor([r["entropy"] for r in rows]), PAPER.thresholds,
+                             Recipe.PAPER)
+    assert [r["label"] for r in rows] == [CLASSES[i] for i in want.tolist()]
+    assert all(0 <= r["entropy"] <= math.log(11) for r in rows)
+    first = rows[0]
+    served = chat(http, None, max_tokens=1, temperature=0.0,
+                  messages=paper_probe_messages(first["question"]), continue_final_message=True,
+                  add_generation_prompt=False, steering={"return_hidden_states": ["final"]})[0]
+    assert first["features"] == served["steering"]["hidden_states"]["final"]
+    probe_main([*keys, "train", "--labels", str(labels), "--name", "cli-paper", "--width", "8",
+                "--epochs", "5", "--test-fraction", "0.2", "--upload"])
+    assert "validation_macro_f1" in capsys.readouterr().out
+    stored = httpx.get(f"{server.base_url}/v1/steering/probes/cli-paper",
+                       headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert stored["recipe"] == "paper" and stored["width"] == 8
+    probe_main([*keys, "delete", "cli-paper"])

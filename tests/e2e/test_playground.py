@@ -267,6 +267,7 @@ def test_gate_and_v_reason_markers_and_the_difficulty_view(browser, server, http
     difficulty = by_id(browser, "diffadapt-view")
     assert difficulty.is_displayed()
     assert report["diffadapt"]["difficulty"] in difficulty.text
+    assert f"({report['diffadapt']['recipe']} recipe)" in difficulty.text
     bars = {b.get_attribute("data-class"): b.text for b in css(browser, "#diffadapt-view .bar")}
     assert bars == {name: f"{name} {100 * p:.1f}%"
                     for name, p in report["diffadapt"]["probabilities"].items()}

@@ -87,6 +87,28 @@ def test_bundled_artifacts_are_seeded_once(tmp_path):
     assert vectors.list() == [] and probes.list() == []
 
 
+def test_a_store_seeded_by_an_earlier_release_gets_only_the_new_names(tmp_path, monkeypatch):
+    """An empty marker (as earlier releases wrote it) stands for the first release's names;
+    a name bundled later is installed once, and the marker then lists every name."""
+    import server.default_model as bundle
+    from steering.artifacts import ProbeStore
+
+    model = "SmolLM2-135M-Instruct"
+    vectors = VectorStore(tmp_path / "v", model=model, hidden_size=576, num_layers=30)
+    probes = ProbeStore(tmp_path / "p", model=model, hidden_size=576)
+    for root in (vectors.root, probes.root):
+        (root / ".bundled").touch()
+    later = {**bundle.BUNDLED_PROBES, "later": bundle.BUNDLED_PROBES["default"]}
+    monkeypatch.setattr(bundle, "BUNDLED_PROBES", later)
+    bundle.seed_bundled_artifacts(vectors, probes)
+    assert vectors.list() == [] and [m.name for m in probes.list()] == ["later"]
+    assert (probes.root / ".bundled").read_text().split() == sorted(later)
+    probes.delete("later")
+    bundle.seed_bundled_artifacts(vectors, probes)
+    assert probes.list() == []
+    assert not list(probes.root.glob(".bundled.tmp"))
+
+
 def test_replicas_on_one_folder_see_each_others_writes(tmp_path):
     """Two servers' stores on one folder: an upload, a re-upload and a delete on one are what
     the other serves at its next read, with no restart."""

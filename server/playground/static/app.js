@@ -637,11 +637,13 @@ function renderReports() {
   const view = $("diffadapt-view");
   view.hidden = !diff;
   if (diff) {
-    view.replaceChildren(el("h3", { text: `DiffAdapt: ${diff.difficulty}` }),
+    const strategy = diff.strategy;
+    const topP = strategy.top_p == null ? "" : `, top-p ${strategy.top_p}`;
+    view.replaceChildren(el("h3", { text: `DiffAdapt (${diff.recipe} recipe): ${diff.difficulty}` }),
       ...Object.entries(diff.probabilities).map(([name, p]) => el("div", { class: "bar", "data-class": name, style: `--w:${100 * p}%` },
         el("span", { text: `${name} ${(100 * p).toFixed(1)}%` }))),
-      el("p", { text: `strategy: temperature ${diff.strategy.temperature}, budget ${diff.strategy.budget} (${diff.strategy.max_tokens} tokens)` }),
-      el("pre", { class: "code", text: diff.strategy.prompt }));
+      el("p", { text: `strategy: temperature ${strategy.temperature}${topP}, budget ${strategy.budget} (${strategy.max_tokens} tokens)` }),
+      el("pre", { class: "code", text: strategy.prompt + (strategy.prefill ? `\n\n[assistant] ${strategy.prefill}` : "") }));
   }
   const lines = [];
   if (report?.typical) lines.push(`typical sampling, τ = ${report.typical.p}`);

@@ -1,0 +1,22 @@
+"""The answer checker: which number of a reply is its answer."""
+
+import pytest
+
+from clients.problems import extract_answer, is_correct
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("So the total is \\boxed{42}. Answer: 7", 42),  # the paper's format wins
+    ("first \\boxed{3}, then \\boxed{1,200}", 1200),  # the last box
+    ("<think>\\boxed{9}</think> Answer: 5", 5),  # thinking is not the answer
+    ("<think>Answer: 9</think>", None),
+    ("The answer is 12, I think 13", 12),
+    ("I count 4, no, 6 apples", 6),
+    ("no number here", None),
+])
+def test_the_answer_of_a_reply(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_is_correct_compares_the_extracted_number():
+    assert is_correct("\\boxed{-3}", -3) and not is_correct("\\boxed{3}", -3)
