@@ -23,7 +23,8 @@ BUNDLED_VECTORS = {
                 "source": "python -m clients.bandit run (docs/east)",
                 "description": "EAST vector from the project's text bandit task"},
 }
-BUNDLED_PROBES = {"default": {"file": "difficulty-probe.safetensors"}}
+BUNDLED_PROBES = {"default": {"file": "difficulty-probe.safetensors"},
+                  "paper": {"file": "difficulty-probe-paper.safetensors"}}
 # What an empty marker file (written before markers listed names) stands for.
 FIRST_BUNDLED = {"explore", "default"}
 # SmolLM2's own template (same text for plain chats) with tools in the Hermes format.

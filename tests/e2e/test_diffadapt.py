@@ -140,13 +140,17 @@ def test_bundled_probe_serves_and_metrics_count_classes(http, server):
 
     before = counted()
     listing = http.get("/v1/steering/probes").json()["data"]
-    bundled = next(p for p in listing if p["id"] == "default")
-    assert bundled["model"] == MODEL and bundled["hidden_size"] == 576
-    choice = chat(http, QUESTIONS[0], max_tokens=16,
-                  steering={"diffadapt": {"probe": "default"}})[0]
-    probabilities = choice["steering"]["diffadapt"]["probabilities"]
-    assert math.isclose(sum(probabilities.values()), 1.0, rel_tol=1e-5)
-    assert counted() == before + 1
+    recipes = {p["id"]: p["recipe"] for p in listing if p["id"] in ("default", "paper")}
+    assert recipes == {"default": "variant", "paper": "paper"}
+    for name in recipes:
+        bundled = next(p for p in listing if p["id"] == name)
+        assert bundled["model"] == MODEL and bundled["hidden_size"] == 576
+        choice = chat(http, QUESTIONS[0], max_tokens=16,
+                      steering={"diffadapt": {"probe": name}})[0]
+        report = choice["steering"]["diffadapt"]
+        assert report["recipe"] == recipes[name]
+        assert math.isclose(sum(report["probabilities"].values()), 1.0, rel_tol=1e-5)
+    assert counted() == before + 2
 
 
 def test_long_question_reuses_the_probe_pass_prefill(http, server, probes):
@@ -266,6 +270,16 @@ def paper_probe_messages(question: str) -> list[dict]:
             {"role": "assistant", "content": framing.prefill}]
 
 
+def assert_sent_as(http, hf_model, choice: dict, messages: list[dict], **sampling) -> None:
+    """The choice's prompt is HF's rendering of `messages` continuing the assistant prefill,
+    and its tokens are what that conversation gets sent plainly with `sampling`."""
+    assert choice["prompt_token_ids"] == hf_render(hf_model, messages)
+    plain = http.post("/v1/chat/completions", json={
+        "messages": messages, "continue_final_message": True, "add_generation_prompt": False,
+        "return_token_ids": True, **sampling}).json()["choices"][0]
+    assert choice["token_ids"] == plain["token_ids"]
+
+
 @pytest.fixture(scope="module")
 def paper_probes(admin_http, hf_model):
     """'paper-a': a paper-recipe probe that is Easy exactly for QUESTIONS[0] read after the
@@ -307,12 +321,8 @@ def test_paper_probe_reads_after_the_difficulty_prefill_and_prefills_its_strateg
     messages = [{"role": "system", "content": easy.system},
                 {"role": "user", "content": easy.wrap(QUESTIONS[0])},
                 {"role": "assistant", "content": easy.prefill}]
-    assert choice["prompt_token_ids"] == hf_render(hf_model, messages)
-    plain = http.post("/v1/chat/completions", json={
-        "messages": messages, "continue_final_message": True, "add_generation_prompt": False,
-        "max_tokens": 40, "seed": 5, "temperature": 0.5, "top_p": 1.0,
-        "return_token_ids": True}).json()["choices"][0]
-    assert choice["token_ids"] == plain["token_ids"]
+    assert_sent_as(http, hf_model, choice, messages, max_tokens=40, seed=5, temperature=0.5,
+                   top_p=1.0)
 
 
 def test_paper_normal_strategy_samples_with_top_p(http, hf_model, paper_probes):
@@ -327,12 +337,8 @@ def test_paper_normal_strategy_samples_with_top_p(http, hf_model, paper_probes):
     normal = PAPER.strategies["normal"].for_model(False)
     messages = [system, {"role": "user", "content": normal.wrap(QUESTIONS[1])},
                 {"role": "assistant", "content": normal.prefill}]
-    assert choice["prompt_token_ids"] == hf_render(hf_model, messages)
-    plain = http.post("/v1/chat/completions", json={
-        "messages": messages, "continue_final_message": True, "add_generation_prompt": False,
-        "max_tokens": 30, "seed": 8, "temperature": 0.8, "top_p": 0.95,
-        "return_token_ids": True}).json()["choices"][0]
-    assert choice["token_ids"] == plain["token_ids"]
+    assert_sent_as(http, hf_model, choice, messages, max_tokens=30, seed=8, temperature=0.8,
+                   top_p=0.95)
     assert choice["steering"]["diffadapt"]["strategy"]["top_p"] == 0.95
 
 
