@@ -284,10 +284,13 @@ async def _diffadapt(dialect: Dialect, state: ServerState, body: GenerationReque
         if last_user is None or not isinstance(messages[last_user].get("content"), str):
             raise InvalidRequest("steering.diffadapt needs a user message with text content "
                                  "(the question)", "messages")
-        if recipe.chat_only and (last_user != len(messages) - 1
-                                 or "continue_final_message" in body.model_fields_set):
-            raise InvalidRequest("a paper-recipe probe continues the conversation with its own "
-                                 "assistant prefill: the last message must be the user's "
+        prefills = [s.prefill for s in recipe.strategies.values()] + [
+            c.prefill for c in (options.strategies or {}).values()]
+        if (recipe.chat_only or any(prefills)) and (
+                last_user != len(messages) - 1
+                or "continue_final_message" in body.model_fields_set):
+            raise InvalidRequest("a DiffAdapt prefill continues the conversation with the "
+                                 "assistant's turn: the last message must be the user's "
                                  "question, without continue_final_message", "messages")
         has_system = any(m.get("role") in ("system", "developer") for m in messages)
 

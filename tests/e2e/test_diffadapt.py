@@ -342,7 +342,7 @@ def test_paper_normal_strategy_samples_with_top_p(http, hf_model, paper_probes):
     assert choice["steering"]["diffadapt"]["strategy"]["top_p"] == 0.95
 
 
-def test_bad_paper_recipe_requests(http, paper_probes):
+def test_bad_paper_recipe_requests(http, probes, paper_probes):
     paper = {"diffadapt": {"probe": "paper-normal"}}
     r = http.post("/v1/completions", json={"prompt": "What is 2 + 2?", "max_tokens": 2,
                                            "steering": paper})
@@ -354,6 +354,11 @@ def test_bad_paper_recipe_requests(http, paper_probes):
     r = http.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "So"}],
         "max_tokens": 2, "steering": paper})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = http.post("/v1/chat/completions", json={  # a variant probe with a prefill: the same
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "So"}],
+        "max_tokens": 2, "steering": {"diffadapt": {"probe": "always-hard", "strategies": {
+            "hard": {"prefill": "Well,"}}}}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     assert chat(http, "hi", max_tokens=2, steering=paper)  # and the server still serves
 
