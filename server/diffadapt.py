@@ -5,8 +5,9 @@ state after the final norm at the last token of the question as the probe's reci
 the question itself (variant), or the question with the paper's instruction and an assistant
 prefill that asks the model for the difficulty (paper). The generation that follows uses the
 strategy's framing (instruction, system prompt, assistant prefill), temperature, top-p and share
-of the token budget. Framings put the question first, so the generation reuses the probe pass's
-KV blocks through vLLM's prefix cache up to the last full block they share.
+of the token budget. A variant strategy puts the question first, so the generation reuses the
+probe pass's KV blocks through vLLM's prefix cache up to the last full block they share; a paper
+strategy's system prompt comes before the question (as in the authors' code), so it shares little.
 """
 
 from __future__ import annotations
