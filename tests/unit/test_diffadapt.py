@@ -151,11 +151,11 @@ def test_paper_training_keeps_the_best_validation_macro_f1():
     x, y = _clusters(30, seed=4)
     x = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(9)) * 6  # overlap
     training = replace(PAPER_TRAINING, width=16, epochs=15)
-    chosen, scores = train_probe(x, y, training, seed=2)
-    check = torch.randperm(len(y), generator=torch.Generator().manual_seed(2))[:18]
-    assert len(scores) == 15 and len(set(scores)) > 1  # the choice mattered
+    chosen, scores = train_probe(x, y, training, seed=4)
+    check = torch.randperm(len(y), generator=torch.Generator().manual_seed(4))[:18]
+    assert len(scores) == 15 and scores[-1] < max(scores)  # the choice mattered: not the last
     assert macro_f1(chosen.probabilities(x[check]).argmax(-1), y[check]) == max(scores)
-    last, _ = train_probe(x, y, training, seed=2)  # seeded: the same run again
+    last, _ = train_probe(x, y, training, seed=4)  # seeded: the same run again
     torch.testing.assert_close(last.tensors(), chosen.tensors())
     assert (chosen.feature_mean == 0).all() and (chosen.feature_scale == 1).all()
     assert chosen.width == 16 and PAPER_TRAINING.width == 512 and PAPER_TRAINING.cosine
