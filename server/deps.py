@@ -64,7 +64,9 @@ StateDep = Annotated[ServerState, Depends(get_state)]
 
 
 class Hold:
-    """A request's admission: `take` once it knows its size; given back after the answer."""
+    """A request's admission: `take` once it knows its size; `give_back` once the engine has
+    produced the whole answer, before it is sent, so that a client sending its next request on
+    receipt never finds its last one still held."""
 
     def __init__(self, admission: Admission) -> None:
         self.admission, self.sequences = admission, 0
@@ -72,13 +74,17 @@ class Hold:
     def take(self, sequences: int) -> None:
         self.sequences += self.admission.take(sequences)
 
+    def give_back(self) -> None:
+        self.admission.give_back(self.sequences)
+        self.sequences = 0
+
 
 async def _hold(state: StateDep) -> AsyncIterator[Hold]:
     hold = Hold(state.admission)
     try:
-        yield hold  # FastAPI runs the rest after the response, a stream's last event included
-    finally:
-        state.admission.give_back(hold.sequences)
+        yield hold
+    finally:  # after the response (an error, a client gone): whatever is still held
+        hold.give_back()
 
 
 HoldDep = Annotated[Hold, Depends(_hold)]

@@ -196,6 +196,10 @@ async def generate(dialect: Dialect, body: GenerationRequest, request: Request,
         response = await _particles(dialect, state, body, plan, request)
     else:
         response = await _steered(dialect, state, body, plan, request)
+    if isinstance(response, StreamingResponse):
+        response.body_iterator = _giving_back(response.body_iterator, hold)
+    else:
+        hold.give_back()
     if ignored:  # percent-encoded: a field name may hold any character, a header may not
         response.headers[IGNORED_FIELDS_HEADER] = ",".join(quote(f, safe="") for f in ignored)
     return response
@@ -411,6 +415,14 @@ async def _particles(dialect: Dialect, state: ServerState, body: GenerationReque
     if body.return_token_ids:
         choice["prompt_token_ids"] = prompt
     return JSONResponse({**envelope([choice], False), "usage": usage(result)})
+
+
+async def _giving_back(events: AsyncIterator[str], hold: Hold) -> AsyncIterator[str]:
+    """A stream that gives its hold back after its last event is produced (before the
+    response's end is sent)."""
+    async for event in events:
+        yield event
+    hold.give_back()
 
 
 def _event(chunk: dict) -> str:

@@ -244,7 +244,7 @@ def test_overload_is_a_429_at_once_and_admitted_requests_finish(second_life):
     once with 429 and Retry-After while the 4 are still held, /health 200 throughout; the 4
     are answered; then every hold is given back (a client that left mid-stream included), so
     4 at once are admitted again, with the KV cache empty and the API process's memory back
-    near its level."""
+    near its level; their holds are back by the time their answers arrive."""
     server = second_life
 
     def timed(**body):
@@ -279,6 +279,7 @@ def test_overload_is_a_429_at_once_and_admitted_requests_finish(second_life):
     with ThreadPoolExecutor(4) as pool:
         again = [f.result()[0]["status"] for f in [pool.submit(timed) for _ in range(4)]]
     assert again == [200] * 4
+    assert held(server) == 0  # given back before the answers were sent, not after
 
 
 def waiting(server) -> float:
@@ -292,9 +293,10 @@ def test_priority_orders_the_waiting_queue(second_life):
     requests are long enough to outlast both submissions, and of unequal length, so one slot
     frees at a time."""
     server = second_life
+    assert held(server) == 0 and running(server) == 0
     with ThreadPoolExecutor(4) as pool:
         busy = [pool.submit(completion, server, max_tokens=tokens) for tokens in (300, 900)]
-        assert wait_until(lambda: running(server) >= 2, 30)
+        assert wait_until(lambda: running(server) >= 2, 60), outcomes_so_far(server, busy)
         finished: dict[str, float] = {}
 
         def timed(name: str, priority: int):

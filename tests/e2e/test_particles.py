@@ -267,6 +267,14 @@ def test_disconnect_stops_all_particles(http, server):
     def running() -> float:
         return metric(http.get("/metrics").text, "vllm:num_requests_running")
 
+    def state() -> str:
+        """What the server held, when the particles are not all running."""
+        page = http.get("/metrics").text
+        return (f"running {metric(page, 'vllm:num_requests_running')}, waiting "
+                f"{metric(page, 'vllm:num_requests_waiting')}, held "
+                f"{metric(page, 'steer_held_sequences')}\n"
+                + server.log_tail(60, without='"GET /metrics'))
+
     with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", headers=http.headers,
                       timeout=60, json={
                           "messages": [{"role": "user", "content": "Tell a long story."}],
@@ -274,10 +282,10 @@ def test_disconnect_stops_all_particles(http, server):
                           "steering": {"particles": {"n": 8, "max_steps": 4,
                                                      "step_delimiter": "@@@@"}}}) as r:
         assert r.status_code == 200
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while running() < 8 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert running() >= 8  # all particles of the step are in the engine together
+        assert running() >= 8, state()  # all particles of the step are in the engine together
     deadline = time.monotonic() + 30
     while running() > 0 and time.monotonic() < deadline:
         time.sleep(0.5)
