@@ -5,9 +5,11 @@ state after the final norm at the last token of the question as the probe's reci
 the question itself (variant), or the question with the paper's instruction and an assistant
 prefill that asks the model for the difficulty (paper). The generation that follows uses the
 strategy's framing (instruction, system prompt, assistant prefill), temperature, top-p and share
-of the token budget. A variant strategy puts the question first, so the generation reuses the
-probe pass's KV blocks through vLLM's prefix cache up to the last full block they share; a paper
-strategy's system prompt comes before the question (as in the authors' code), so it shares little.
+of the token budget; with a continuation (the paper recipe's default), an answer the budget cut
+off goes on after a forced final-answer prefix (`server.engine`). A variant strategy puts the
+question first, so the generation reuses the probe pass's KV blocks through vLLM's prefix cache
+up to the last full block they share; a paper strategy's system prompt comes before the question
+(as in the authors' code), so it shares little.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -25,10 +27,12 @@ from server.metrics import SteerMetrics
 from server.protocol import DiffAdaptOptions
 from steering.artifacts import ArtifactNotFound
 from steering.diffadapt import (
+    AUTHORS_CONTINUATION,
     CLASSES,
     RECIPES,
     THINK_CLOSE,
     THINK_OPEN,
+    Continuation,
     Framing,
     Recipe,
     RecipeSpec,
@@ -48,21 +52,24 @@ class Decision:
 
     probe: str
     recipe: Recipe
-    probe_framing: Framing  # how the question was put to the model for the probe to read
+    probe_framing: Framing | None  # how the probe read the question (None: the class was set)
     difficulty: str
-    probabilities: dict[str, float]
+    probabilities: dict[str, float] | None
     strategy: Strategy
     max_tokens: int
+    continuation: Continuation | None  # for an answer the budget cuts off
 
     def report(self) -> dict:
         s = self.strategy
         return {"probe": self.probe, "recipe": self.recipe.value, "difficulty": self.difficulty,
                 "probabilities": self.probabilities,
-                "probe_position": {"prompt": self.probe_framing.prompt,
-                                   "prefill": self.probe_framing.prefill},
+                "probe_position": None if self.probe_framing is None else
+                {"prompt": self.probe_framing.prompt, "prefill": self.probe_framing.prefill},
                 "strategy": {"prompt": s.prompt, "prefill": s.prefill, "system": s.system,
                              "temperature": s.temperature, "top_p": s.top_p,
-                             "budget": s.budget, "max_tokens": self.max_tokens}}
+                             "budget": s.budget, "max_tokens": self.max_tokens},
+                "continuation": None if self.continuation is None else
+                asdict(self.continuation)}
 
 
 def load_strategies(path: Path | None) -> dict[str, Strategy]:
@@ -120,15 +127,19 @@ class DifficultyRouter:
 
     async def decide(self, options: DiffAdaptOptions, question: str, render: Render,
                      max_tokens: int | None) -> Decision:
-        """Probe the question as its recipe frames it and pick its class's strategy; the
-        budget is the class's share of `max_tokens` (the server default when None), clamped to
-        the context the strategy's prompt leaves."""
+        """Probe the question as its recipe frames it (unless the request set the class) and
+        pick its class's strategy; the budget is the class's share of `max_tokens` (the server
+        default when None), clamped to the context the strategy's prompt leaves."""
         probe, meta = self._probe(options)  # again: it may have been replaced since
         recipe = self.recipes[Recipe(meta.recipe)]
-        framing = recipe.probe_framing.for_model(self.thinks)
-        features = await self.engine.prompt_features(await render(question, framing))
-        probabilities = probe.probabilities(features[None])[0]
-        difficulty = CLASSES[int(probabilities.argmax())]
+        framing = probabilities = None
+        difficulty = options.difficulty
+        if difficulty is None:
+            framing = recipe.probe_framing.for_model(self.thinks)
+            features = await self.engine.prompt_features(await render(question, framing))
+            read = probe.probabilities(features[None])[0]
+            difficulty = CLASSES[int(read.argmax())]
+            probabilities = {c: float(p) for c, p in zip(CLASSES, read)}
         strategy = recipe.strategies[difficulty].for_model(self.thinks)
         change = (options.strategies or {}).get(difficulty)
         if change is not None:
@@ -136,11 +147,14 @@ class DifficultyRouter:
         limit = max_tokens or self.default_max_tokens
         room = self.engine.max_model_len - len(await render(question, strategy))
         self.metrics.difficulty.labels(self.engine.model_name, difficulty).inc()
+        continues = options.continuation
+        if continues is None:
+            continues = recipe.continuation is not None
         return Decision(probe=options.probe, recipe=Recipe(meta.recipe), probe_framing=framing,
-                        difficulty=difficulty,
-                        probabilities={c: float(p) for c, p in zip(CLASSES, probabilities)},
-                        strategy=strategy,
-                        max_tokens=max(1, min(round(strategy.budget * limit), room)))
+                        difficulty=difficulty, probabilities=probabilities, strategy=strategy,
+                        max_tokens=max(1, min(round(strategy.budget * limit), room)),
+                        continuation=(recipe.continuation or AUTHORS_CONTINUATION)
+                        if continues else None)
 
     async def route(self, options: DiffAdaptOptions, questions: list[str], render: Render,
                     max_tokens: int | None) -> list[Decision]:

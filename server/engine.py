@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import hashlib
 import logging
@@ -26,6 +27,7 @@ import torch
 from server.default_model import seed_bundled_artifacts
 from server.errors import APIError, EngineBusy, EngineUnavailable, InvalidRequest, NotFound
 from steering.artifacts import ArtifactNotFound, ProbeStore, VectorStore
+from steering.diffadapt import Continuation
 from steering.gates import Gate
 from steering.vllm_adapter.layer_steering import DEFAULT_CAPTURE_ROWS, DEFAULT_SLOTS
 from steering.vllm_adapter.logits_processors import (
@@ -655,6 +657,14 @@ class ChoiceRecord:
     hidden_states: dict[int | str, list[float]] | None = None
     vreason: dict | None = None
     first_token_at: float | None = None  # wall-clock time, for the TTFT metric
+    continued: dict | None = None  # how a continuation (DiffAdapt's) went on, when one ran
+
+    @property
+    def steered(self) -> int:
+        """Tokens the choice's own steering ran on (a continuation runs unsteered)."""
+        if self.continued is None:
+            return self.produced
+        return self.produced - self.continued["prefix_tokens"] - self.continued["tokens"]
 
     def window(self, start: int):
         """Entropy and varentropy of the tokens delivered from `start` on."""
@@ -668,6 +678,7 @@ class PromptOverride:
     temperature: float | None = None
     top_p: float | None = None
     max_tokens: int | None = None
+    continuation: Continuation | None = None  # for a choice that `max_tokens` cuts off
 
 
 @dataclass
@@ -736,7 +747,7 @@ class SteeringClient:
                 params.max_tokens = override.max_tokens
             children.append(self._choice(session, ordinal * n + j, j, prompt, params,
                                          f"{request_id}-{j}" if n > 1 else request_id,
-                                         kwargs))
+                                         override.continuation, kwargs))
         if n == 1:
             async for output in children[0]:
                 yield output
@@ -758,16 +769,97 @@ class SteeringClient:
         yield merged
 
     async def _choice(self, session: SteeringSession, index: int, j: int, prompt, params,
-                      request_id: str, kwargs):
-        """One steered engine request: choice `index` of the session, `j` within its prompt.
-        This server's errors leave as vLLM's `GracefulHTTPError`, so that vLLM's serving layer
-        answers them (in a stream too) with their own status."""
+                      request_id: str, continuation: Continuation | None, kwargs):
+        """One steered engine request: choice `index` of the session, `j` within its prompt,
+        continued when `continuation` is set and the budget cuts it off (not under a
+        grammar, whose state the continuation would not carry). This server's errors leave as
+        vLLM's `GracefulHTTPError`, so that vLLM's serving layer answers them (in a stream
+        too) with their own status."""
+        from vllm.sampling_params import RequestOutputKind
+
         try:
-            async for output in self._steered_choice(session, index, j, prompt, params,
-                                                     request_id, kwargs):
-                yield output
+            stream = self._steered_choice(session, index, j, prompt, params, request_id, kwargs)
+            if continuation is None or params.structured_outputs is not None:
+                async for output in stream:
+                    yield output
+                return
+            delta = params.output_kind == RequestOutputKind.DELTA
+            tokens: list[int] = []
+            cut_off = None
+            async with contextlib.aclosing(stream):
+                async for output in stream:
+                    completion = output.outputs[0]
+                    if not delta:
+                        tokens.clear()
+                    tokens.extend(completion.token_ids)
+                    if completion.finish_reason == "length":
+                        cut_off = output
+                    else:
+                        yield output
+            if cut_off is not None:
+                async for output in self._continue(session, index, j, cut_off, tokens, params,
+                                                   continuation, f"{request_id}-continued",
+                                                   kwargs):
+                    yield output
         except APIError as exc:
             raise _serving_error(exc) from exc
+
+    async def _continue(self, session: SteeringSession, index: int, j: int, cut_off,
+                        tokens: list[int], params, continuation: Continuation,
+                        request_id: str, kwargs):
+        """Choice `index`, cut off by its budget after `tokens`, continued: the continuation's
+        prefix (forced tokens: no entropy, no logprob), then tokens sampled as the
+        continuation says, unsteered as the DiffAdapt authors do, until its stop string. vLLM's
+        serving layer sees one choice going on: in a stream, the cut-off output without its
+        finish reason, the prefix, then the continuation's deltas; otherwise one output with
+        all of it. The continuation's entropy joins the choice's trace after the prefix."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self._engine
+        record = session.record(index)
+        first = cut_off.outputs[0]
+        prefix_ids = engine.tokenizer.encode(continuation.prefix, add_special_tokens=False)
+        so_far = [*cut_off.prompt_token_ids, *tokens, *prefix_ids]
+        room = engine.max_model_len - len(so_far)
+        if room < 1:  # no context left to go on in: the answer stays cut off
+            yield cut_off
+            return
+        more = SamplingParams(
+            temperature=continuation.temperature, top_p=continuation.top_p,
+            max_tokens=min(continuation.max_tokens, room), stop=[continuation.stop],
+            include_stop_str_in_output=True, seed=params.seed, logprobs=params.logprobs,
+            skip_special_tokens=params.skip_special_tokens, output_kind=params.output_kind,
+            extra_args={})
+        inner = SteeringSession(f"{session.id}-continued", SamplingOptions(max_tokens=None),
+                                session.stream_entropy)
+        first.finish_reason = first.stop_reason = None
+        prefix = copy.copy(first)
+        prefix.text, prefix.token_ids = continuation.prefix, prefix_ids
+        prefix.logprobs = None if first.logprobs is None else [None] * len(prefix_ids)
+        delta = params.output_kind == RequestOutputKind.DELTA
+        if delta:
+            yield cut_off  # its last tokens, no longer the end
+        offset, copied = record.produced + len(prefix_ids), 0
+        async for output in self._steered_choice(inner, 0, j, {"prompt_token_ids": so_far},
+                                                 more, request_id, kwargs):
+            piece, ran = output.outputs[0], inner.record(0)
+            record.trace.copy_from(ran.trace, copied, ran.produced, offset)
+            copied = ran.produced
+            record.continued = {"prefix_tokens": len(prefix_ids), "tokens": ran.produced,
+                                "finish_reason": piece.finish_reason}
+            if delta and prefix is not None:  # the prefix goes out before the first tokens
+                record.produced += len(prefix_ids)
+                yield _with_completion(cut_off, prefix)
+                prefix = None
+            if not delta:  # one output: everything so far
+                piece.text = first.text + continuation.prefix + piece.text
+                piece.token_ids = [*first.token_ids, *prefix_ids, *piece.token_ids]
+                if first.logprobs is not None:
+                    piece.logprobs = [*first.logprobs, *prefix.logprobs, *piece.logprobs]
+            piece.index = j
+            record.produced = offset + ran.produced
+            yield _with_completion(cut_off, piece)
 
     async def _steered_choice(self, session: SteeringSession, index: int, j: int, prompt,
                               params, request_id: str, kwargs):
@@ -804,6 +896,13 @@ class SteeringClient:
                                 request_id, steering)
                         record.produced = produced
                         yield output
+
+
+def _with_completion(output, completion):
+    """A copy of engine output `output` carrying `completion` as its one choice."""
+    out = copy.copy(output)
+    out.outputs = [completion]
+    return out
 
 
 def _first_token_time(output) -> float:

@@ -30,6 +30,7 @@ class Outcome:
     hidden_states: dict | None = None
     vreason: dict | None = None
     gate_steps: list[GateStep | None] = field(default_factory=list)  # per generated token
+    continued: dict | None = None  # how DiffAdapt's continuation went on, when one ran
 
 
 class Report(BaseModel):
@@ -124,13 +125,36 @@ class ProbePosition(Report):
     prefill: str
 
 
+class ContinuationReport(Report):
+    """How an answer the budget cut off goes on (`steering.diffadapt.Continuation`)."""
+
+    prefix: str
+    temperature: float
+    top_p: float
+    max_tokens: int
+    stop: str
+
+
+class ContinuedReport(Report):
+    """This choice was cut off and continued: the prefix's tokens, then `tokens` sampled."""
+
+    prefix_tokens: int
+    tokens: int
+    finish_reason: str | None
+
+
 class DiffAdaptReport(Report):
+    """The probe's decision (no probabilities or position when the request set the class),
+    the strategy served and the continuation."""
+
     probe: str
     recipe: Literal["paper", "variant"]
     difficulty: str
-    probabilities: dict[str, float]
-    probe_position: ProbePosition
+    probabilities: dict[str, float] | None
+    probe_position: ProbePosition | None
     strategy: StrategyReport
+    continuation: ContinuationReport | None
+    continued: ContinuedReport | None
 
 
 class DiffAdapt(Method):
@@ -145,7 +169,9 @@ class DiffAdapt(Method):
         return request.steering.diffadapt if request.steering else None
 
     def report(self, options, outcome: Outcome) -> dict | None:
-        return outcome.decision.report() if outcome.decision is not None else None
+        if outcome.decision is None:
+            return None
+        return {**outcome.decision.report(), "continued": outcome.continued}
 
 
 class ParticleSummary(Report):

@@ -73,6 +73,12 @@ class DiffAdaptOptions(StrictModel):
 
     probe: Annotated[str, Field(min_length=1, max_length=64, description="stored probe name")]
     strategies: dict[Literal["easy", "normal", "hard"], StrategyOverride] | None = None
+    difficulty: Literal["easy", "normal", "hard"] | None = Field(default=None, description=(
+        "serve this class's strategy without the probe pass (a fixed-strategy baseline); the "
+        "probe still names the recipe"))
+    continuation: bool | None = Field(default=None, description=(
+        "continue an answer its budget cut off after the authors' forced final-answer prefix "
+        "(default: the paper recipe does, the variant does not)"))
 
 
 class VReasonOptions(StrictModel):

@@ -223,7 +223,7 @@ async def _steered(dialect: Dialect, state: ServerState, body: GenerationRequest
         entropy, varentropy = record.window(0)
         outcome = Outcome(record.steering, decisions[index // n] if decisions else None,
                           record.hidden_states, record.vreason,
-                          record.trace.gates[:record.produced])
+                          record.trace.gates[:record.produced], record.continued)
         return steering_report(plan, outcome, entropy, varentropy)
 
     def finished(index: int) -> None:
@@ -232,7 +232,7 @@ async def _steered(dialect: Dialect, state: ServerState, body: GenerationRequest
         metrics.observe_tokens(*labels, entropy, varentropy)
         steps = record.trace.gates[:record.produced]
         if plan.get("east"):
-            metrics.steered_tokens.labels(*labels).inc(record.produced)
+            metrics.steered_tokens.labels(*labels).inc(record.steered)
         elif record.steering.gate_east:  # the tokens a gate's vector steered (see Gates.report)
             metrics.steered_tokens.labels(*labels).inc(
                 sum(1 for s in steps[:-1] if s and s.east >= 0))
@@ -336,7 +336,8 @@ async def _diffadapt(dialect: Dialect, state: ServerState, body: GenerationReque
     for ordinal, decision in enumerate(decisions):
         s = decision.strategy
         session.overrides[ordinal] = PromptOverride(temperature=s.temperature, top_p=s.top_p,
-                                                    max_tokens=decision.max_tokens)
+                                                    max_tokens=decision.max_tokens,
+                                                    continuation=decision.continuation)
     return body, decisions
 
 

@@ -15,7 +15,8 @@ Two recipes (`Recipe`):
   probe reads the hidden state after a difficulty-eliciting assistant prefill; width 512, no
   input standardisation, cosine schedule, the checkpoint with the best validation macro-F1;
   strategies are assistant-side prefills after a system prompt (Easy closes thinking at once),
-  Normal samples with top-p 0.95.
+  Normal samples with top-p 0.95; an answer cut off by its budget is continued after a forced
+  final-answer prefix (`Continuation`).
 - **variant**: this project's reading from the paper's text alone, kept for comparison:
   thresholds from the data, the probe at the question's last token, standardised inputs, width
   256, instruction-wrapped questions.
@@ -289,6 +290,24 @@ _PAPER_QUESTION = ("{question}\n\nLet's reason step by step, and put your final 
 
 
 @dataclass(frozen=True)
+class Continuation:
+    """The authors' rescue of an answer cut off by its token budget: the answer so far, then
+    `prefix`, sampled on at `temperature` / `top_p` for at most `max_tokens` until `stop`
+    (their `batch_generate_responses`: T 0.6, top-p 1.0, stop "}", 1024 tokens in their runs).
+    Their command-line default spells the prefix with a literal backslash-n and a doubled
+    backslash; the function's own default, used here, is a newline and one backslash."""
+
+    prefix: str = "\nNow the correct answer is \\boxed{"
+    temperature: float = 0.6
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    stop: str = "}"
+
+
+AUTHORS_CONTINUATION = Continuation()
+
+
+@dataclass(frozen=True)
 class Labelling:
     """How training questions are answered for their labels: the framing, k samples at a
     temperature and top-p, and the entropy: over each token's `top_logprobs` renormalised
@@ -312,6 +331,7 @@ class RecipeSpec:
     training: Training
     labelling: Labelling
     chat_only: bool  # reads the probe through the chat template
+    continuation: Continuation | None  # for an answer its budget cut off (None: none)
 
 
 RECIPES = {
@@ -334,7 +354,8 @@ RECIPES = {
         labelling=Labelling(Framing("{question}\nPlease reason step by step, and put your "
                                     "final answer within \\boxed{}.", prefill="<think>\n"),
                             samples=10, temperature=0.6, top_p=0.95, top_logprobs=10),
-        chat_only=True),
+        chat_only=True,
+        continuation=AUTHORS_CONTINUATION),
     # Temperatures and budget fractions from the paper's table; the instructions are ours:
     # Easy = answer directly and check once, Normal = step by step, Hard = outline the method
     # and stop early.
@@ -349,5 +370,6 @@ RECIPES = {
         thresholds=None,
         training=VARIANT_TRAINING,
         labelling=Labelling(Framing(), samples=8, temperature=0.8, top_p=1.0, top_logprobs=0),
-        chat_only=False),
+        chat_only=False,
+        continuation=None),
 }

@@ -85,6 +85,12 @@ class EntropyTrace:
             _put(self.gates, position, gate, None)
         self._changed.set()
 
+    def copy_from(self, other: EntropyTrace, start: int, stop: int, offset: int) -> None:
+        """Positions [start, stop) of `other` as positions `offset + start` on of this trace
+        (a continuation's tokens after those before it)."""
+        for position in range(start, min(stop, len(other.entropy))):
+            self.record(offset + position, other.entropy[position], other.varentropy[position])
+
     def window(self, start: int, stop: int) -> tuple[list[float | None], list[float | None]]:
         """Entropy and varentropy of positions [start, stop); None where never measured."""
         def known(values: list[float]) -> list[float | None]:

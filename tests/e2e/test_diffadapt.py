@@ -307,7 +307,7 @@ def test_paper_probe_reads_after_the_difficulty_prefill_and_prefills_its_strateg
     strategy's prefill after the paper's system prompt, with its temperature, top-p and budget,
     token for token as the same conversation sent plainly."""
     choice = chat(http, QUESTIONS[0], max_tokens=100, seed=5,
-                  steering={"diffadapt": {"probe": "paper-a"}})[0]
+                  steering={"diffadapt": {"probe": "paper-a", "continuation": False}})[0]
     report = choice["steering"]["diffadapt"]
     expected = torch.softmax(torch.tensor([1.0, 0.0, -1.0]), 0).tolist()
     assert [report["probabilities"][c] for c in CLASSES] == pytest.approx(expected, abs=1e-3)
@@ -318,6 +318,7 @@ def test_paper_probe_reads_after_the_difficulty_prefill_and_prefills_its_strateg
     assert report["strategy"] == {"prompt": easy.prompt, "prefill": easy.prefill,
                                   "system": easy.system, "temperature": 0.5, "top_p": 1.0,
                                   "budget": 0.4, "max_tokens": 40}
+    assert report["continuation"] is None and report["continued"] is None
     messages = [{"role": "system", "content": easy.system},
                 {"role": "user", "content": easy.wrap(QUESTIONS[0])},
                 {"role": "assistant", "content": easy.prefill}]
@@ -331,7 +332,7 @@ def test_paper_normal_strategy_samples_with_top_p(http, hf_model, paper_probes):
     r = http.post("/v1/chat/completions", json={
         "messages": [system, {"role": "user", "content": QUESTIONS[1]}], "max_tokens": 30,
         "seed": 8, "return_token_ids": True,
-        "steering": {"diffadapt": {"probe": "paper-normal"}}})
+        "steering": {"diffadapt": {"probe": "paper-normal", "continuation": False}}})
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     normal = PAPER.strategies["normal"].for_model(False)
@@ -340,6 +341,84 @@ def test_paper_normal_strategy_samples_with_top_p(http, hf_model, paper_probes):
     assert_sent_as(http, hf_model, choice, messages, max_tokens=30, seed=8, temperature=0.8,
                    top_p=0.95)
     assert choice["steering"]["diffadapt"]["strategy"]["top_p"] == 0.95
+
+
+def test_a_set_difficulty_serves_its_strategy_without_the_probe_pass(http, hf_model,
+                                                                     paper_probes):
+    """`difficulty` (a fixed-strategy baseline): the class's strategy, sent as the same
+    conversation plainly would be, with one engine request (no probe pass) and no
+    probabilities in the report."""
+    def engine_requests() -> float:
+        return metric(http.get("/metrics").text, "vllm:request_success_total")
+
+    before = engine_requests()
+    choice = chat(http, QUESTIONS[0], max_tokens=20, seed=4, steering={"diffadapt": {
+        "probe": "paper-a", "difficulty": "hard", "continuation": False}})[0]
+    assert engine_requests() == before + 1
+    report = choice["steering"]["diffadapt"]
+    assert report["difficulty"] == "hard" and report["probabilities"] is None \
+        and report["probe_position"] is None
+    hard = PAPER.strategies["hard"].for_model(False)
+    messages = [{"role": "system", "content": hard.system},
+                {"role": "user", "content": hard.wrap(QUESTIONS[0])},
+                {"role": "assistant", "content": hard.prefill}]
+    assert_sent_as(http, hf_model, choice, messages, max_tokens=10, seed=4, temperature=0.4,
+                   top_p=1.0)
+
+
+def test_paper_recipe_continues_an_answer_its_budget_cut_off(http, hf_model, paper_probes):
+    """The authors' continuation: an answer its budget cut off goes on after their forced
+    prefix, sampled at T 0.6, top-p 1.0 up to '}' and unsteered: token for token what the
+    engine gives the whole context (the prompt, the cut-off answer, the prefix's tokens) sent as
+    a completion prompt with those settings. The prefix's tokens have no entropy; usage
+    counts every token; streamed, the same text and one entropy value per token."""
+    question, budget, seed = QUESTIONS[1], 12, 3
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": budget,
+            "seed": seed, "steering": {"diffadapt": {"probe": "paper-normal"},
+                                       "return_entropy": True}}
+    r = http.post("/v1/chat/completions", json={**body, "return_token_ids": True})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    choice = answer["choices"][0]
+    continuation = PAPER.continuation
+    report = choice["steering"]["diffadapt"]
+    assert report["continuation"] == {"prefix": "\nNow the correct answer is \\boxed{",
+                                      "temperature": 0.6, "top_p": 1.0, "max_tokens": 1024,
+                                      "stop": "}"}
+    _, tokenizer = hf_model
+    prefix_ids = tokenizer.encode(continuation.prefix, add_special_tokens=False)
+    ids = choice["token_ids"]
+    cut_off, forced, sampled = ids[:budget], ids[budget:budget + len(prefix_ids)], \
+        ids[budget + len(prefix_ids):]
+    plain = http.post("/v1/chat/completions", json={
+        **body, "steering": {"diffadapt": {"probe": "paper-normal", "continuation": False}},
+        "return_token_ids": True}).json()["choices"][0]
+    assert plain["finish_reason"] == "length" and plain["token_ids"] == cut_off
+    assert forced == prefix_ids and sampled
+    reference = http.post("/v1/completions", json={
+        "prompt": choice["prompt_token_ids"] + cut_off + prefix_ids, "max_tokens": 1024,
+        "temperature": 0.6, "top_p": 1.0, "seed": seed, "stop": ["}"],
+        "include_stop_str_in_output": True, "return_token_ids": True}).json()["choices"][0]
+    assert sampled == reference["token_ids"]
+    assert choice["message"]["content"] == \
+        plain["message"]["content"] + continuation.prefix + reference["text"]
+    assert choice["finish_reason"] == reference["finish_reason"]
+    assert report["continued"] == {"prefix_tokens": len(prefix_ids), "tokens": len(sampled),
+                                   "finish_reason": reference["finish_reason"]}
+    assert answer["usage"]["completion_tokens"] == len(ids)
+    entropy = choice["steering"]["token_entropy"]
+    assert len(entropy) == len(ids)
+    assert [h is None for h in entropy] == [False] * budget + [True] * len(prefix_ids) + \
+        [False] * len(sampled)
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as streamed:
+        chunks = [json.loads(line[6:]) for line in streamed.iter_lines()
+                  if line.startswith("data: {")]
+    deltas = [c["choices"][0] for c in chunks if c["choices"]]
+    assert "".join(d["delta"].get("content") or "" for d in deltas) == \
+        choice["message"]["content"]
+    assert sum(len(d.get("steering", {}).get("chunk_entropy", [])) for d in deltas) == len(ids)
+    assert deltas[-1]["finish_reason"] == choice["finish_reason"]
+    assert deltas[-1]["steering"]["diffadapt"]["continued"] == report["continued"]
 
 
 def test_bad_paper_recipe_requests(http, probes, paper_probes):

@@ -69,6 +69,21 @@ def test_entropy_trace_window_marks_unmeasured_positions():
     assert trace.window(2, 3) == ([3.0], [4.0])
 
 
+def test_a_continuations_trace_lands_after_the_forced_tokens():
+    """Positions [1, 3) of the continuation's trace become 2 + 1 and 2 + 2; the forced gap
+    stays unmeasured and a later copy extends the same positions."""
+    from steering.vllm_adapter.telemetry import EntropyTrace
+
+    trace, continuation = EntropyTrace(), EntropyTrace()
+    trace.record(0, 1.0, 2.0)
+    for position in range(4):
+        continuation.record(position, 10.0 + position, 20.0 + position)
+    trace.copy_from(continuation, 0, 2, 2)
+    trace.copy_from(continuation, 2, 9, 2)  # past what was measured: only what there is
+    assert trace.window(0, 7) == ([1.0, None, 10.0, 11.0, 12.0, 13.0, None],
+                                  [2.0, None, 20.0, 21.0, 22.0, 23.0, None])
+
+
 GATE_CONFIG = SimpleNamespace(additional_config={},
                               scheduler_config=SimpleNamespace(max_num_seqs=4))
 

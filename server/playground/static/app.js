@@ -640,9 +640,10 @@ function renderReports() {
     const strategy = diff.strategy;
     const topP = strategy.top_p == null ? "" : `, top-p ${strategy.top_p}`;
     view.replaceChildren(el("h3", { text: `DiffAdapt (${diff.recipe} recipe): ${diff.difficulty}` }),
-      ...Object.entries(diff.probabilities).map(([name, p]) => el("div", { class: "bar", "data-class": name, style: `--w:${100 * p}%` },
+      ...Object.entries(diff.probabilities || {}).map(([name, p]) => el("div", { class: "bar", "data-class": name, style: `--w:${100 * p}%` },
         el("span", { text: `${name} ${(100 * p).toFixed(1)}%` }))),
       el("p", { text: `strategy: temperature ${strategy.temperature}${topP}, budget ${strategy.budget} (${strategy.max_tokens} tokens)` }),
+      ...(diff.continued ? [el("p", { class: "continued", text: `cut off at its budget, then continued after ${JSON.stringify(diff.continuation.prefix)}: ${diff.continued.tokens} tokens (${diff.continued.finish_reason})` })] : []),
       el("pre", { class: "code", text: strategy.prompt + (strategy.prefill ? `\n\n[assistant] ${strategy.prefill}` : "") }));
   }
   const lines = [];
