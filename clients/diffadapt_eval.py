@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from clients.http import check
-from clients.probes import conversation, label, probe_meta, thinks, train, upload
+from clients.probes import label, probe_meta, train, upload
 from clients.problems import Problem, generate, is_correct, write_text_atomic
 from steering.artifacts import write_artifact
 from steering.diffadapt import CLASSES, RECIPES, Recipe
@@ -33,36 +34,34 @@ from steering.diffadapt import CLASSES, RECIPES, Recipe
 PROBE_NAME = "diffadapt-eval"
 
 
-async def answer(url: str, problems: list[Problem], method: str, recipe: Recipe, samples: int,
-                 max_tokens: int, concurrency: int) -> list[dict]:
-    """`samples` answers per problem with one of the recipe's fixed strategies (`method` a
-    class name), DiffAdapt ('diffadapt') or the plain question at temperature 0.8 ('plain')."""
+async def answer(url: str, problems: list[Problem], method: str, probe: str, samples: int,
+                 max_tokens: int, concurrency: int, continuation: bool | None) -> list[dict]:
+    """`samples` answers per problem with one of the probe's recipe's fixed strategies
+    (`method` a class name, served by the server without the probe pass), DiffAdapt
+    ('diffadapt') or the plain question at temperature 0.8 ('plain'); `continuation` as the
+    request's `steering.diffadapt.continuation` (None: the recipe's default)."""
     gate = asyncio.Semaphore(concurrency)
 
     async with httpx.AsyncClient(base_url=url, timeout=900) as client:
-        model_thinks = await thinks(client)
-
         async def one(problem: Problem) -> dict:
             body: dict = {"n": samples, "max_tokens": max_tokens,
                           "messages": [{"role": "user", "content": problem.question}]}
-            if method == "diffadapt":
-                body["steering"] = {"diffadapt": {"probe": PROBE_NAME}}
-            elif method == "plain":
+            if method == "plain":
                 body["temperature"] = 0.8
             else:
-                strategy = RECIPES[recipe].strategies[method].for_model(model_thinks)
-                body |= conversation(strategy, problem.question) | {
-                    "temperature": strategy.temperature,
-                    "max_tokens": round(strategy.budget * max_tokens)}
-                if strategy.top_p is not None:
-                    body["top_p"] = strategy.top_p
+                diffadapt = {"probe": probe, "continuation": continuation}
+                if method != "diffadapt":
+                    diffadapt["difficulty"] = method
+                body["steering"] = {"diffadapt": diffadapt}
             async with gate:
                 reply = check(await client.post("/v1/chat/completions", json=body))
             choices = reply["choices"]
+            reports = [c["steering"].get("diffadapt", {}) for c in choices]
             return {"correct": statistics.fmean(
                         is_correct(c["message"]["content"], problem.answer) for c in choices),
                     "tokens": reply["usage"]["completion_tokens"] / len(choices),
-                    "class": choices[0]["steering"].get("diffadapt", {}).get("difficulty")}
+                    "continued": statistics.fmean(bool(r.get("continued")) for r in reports),
+                    "class": reports[0].get("difficulty")}
 
         return list(await asyncio.gather(*(one(p) for p in problems)))
 
@@ -70,44 +69,68 @@ async def answer(url: str, problems: list[Problem], method: str, recipe: Recipe,
 BUNDLED_NAMES = {Recipe.VARIANT: "default", Recipe.PAPER: "paper"}
 
 
+def make_probe(url: str, args, recipe: Recipe, training: list[Problem]) -> dict:
+    """Label the training problems, train the recipe's probe, store it (and write it to
+    --probe-out); its labelling and metrics for the report."""
+    work = Path(tempfile.mkdtemp(prefix="diffadapt-"))
+    started = time.monotonic()
+    labelled = label(url, {}, training, recipe, args.max_tokens, 8, args.samples)
+    write_text_atomic(work / "labels.json", json.dumps(labelled))
+    label_seconds = time.monotonic() - started
+    probe, metrics = train(labelled, args.width, 100, 0.3, seed=0)
+    meta = probe_meta(BUNDLED_NAMES[recipe], probe, labelled, metrics,
+                      f"python -m clients.diffadapt_eval run --recipe {recipe.value} "
+                      "(docs/diffadapt.md)",
+                      f"DiffAdapt difficulty probe ({recipe.value} recipe) for the bundled "
+                      "model, trained on the project's arithmetic / counting / comparison "
+                      "problems")
+    if args.probe_out:
+        write_artifact(Path(args.probe_out), probe.tensors(), meta)
+    upload(url, {}, PROBE_NAME, probe.tensors(), meta)
+    counts = {c: sum(r["label"] == c for r in labelled["questions"]) for c in CLASSES}
+    return {"label_samples": labelled["samples"], "label_temperature": labelled["temperature"],
+            "label_top_p": labelled["top_p"], "thresholds": labelled["thresholds"],
+            "label_counts": counts, "label_seconds": label_seconds, "probe": metrics,
+            "probe_name": PROBE_NAME}
+
+
+def stored_probe(url: str, name: str) -> dict:
+    """A stored probe's thresholds and metrics as its training recorded them (no
+    relabelling)."""
+    probe = check(httpx.get(f"{url}/v1/steering/probes/{name}"))
+    return {"thresholds": probe["thresholds"], "probe": probe["metrics"], "probe_name": name,
+            "probe_source": probe["source"]}
+
+
 def run(args) -> None:
-    """One recipe: label, train, store the probe, answer the held-out problems with every
-    fixed strategy and with DiffAdapt; `out/<recipe>/results.json` keeps every problem's
-    outcome so each comparison gets a paired interval."""
+    """One recipe: label, train and store a probe (or take the stored `--probe`), answer the
+    held-out problems with every fixed strategy and with DiffAdapt; `out/<recipe>/results.json`
+    keeps every problem's outcome so each comparison gets a paired interval."""
     from clients.local_server import steer_server
 
-    recipe = Recipe(args.recipe)
     out = Path(args.out)
-    (out / recipe.value).mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="diffadapt-"))
     training = generate(args.train, seed=1)
     seen = {p.question for p in training}
     held_out = [p for p in generate(args.test * 2, seed=2) if p.question not in seen][:args.test]
-    server = None if args.url else steer_server(work / "server.log")
+    server = None if args.url else steer_server(Path(tempfile.mkdtemp()) / "server.log")
     url = args.url or server.base_url
     try:
-        started = time.monotonic()
-        labelled = label(url, {}, training, recipe, args.max_tokens, 8, args.samples)
-        write_text_atomic(work / "labels.json", json.dumps(labelled))
-        label_seconds = time.monotonic() - started
-        probe, metrics = train(labelled, args.width, 100, 0.3, seed=0)
-        meta = probe_meta(BUNDLED_NAMES[recipe], probe, labelled, metrics,
-                          f"python -m clients.diffadapt_eval run --recipe {recipe.value} "
-                          "(docs/diffadapt.md)",
-                          f"DiffAdapt difficulty probe ({recipe.value} recipe) for the bundled "
-                          "model, trained on the project's arithmetic / counting / comparison "
-                          "problems")
-        if args.probe_out:
-            write_artifact(Path(args.probe_out), probe.tensors(), meta)
-        upload(url, {}, PROBE_NAME, probe.tensors(), meta)
+        if args.probe:
+            made = stored_probe(url, args.probe)
+            recipe = Recipe(check(httpx.get(f"{url}/v1/steering/probes/{args.probe}"))["recipe"])
+        else:
+            recipe = Recipe(args.recipe)
+            made = make_probe(url, args, recipe, training)
         rows = []
         for method in ("plain", *CLASSES, "diffadapt"):
             started = time.monotonic()
-            results = asyncio.run(answer(url, held_out, method, recipe, args.eval_samples,
-                                         args.max_tokens, 8))
+            results = asyncio.run(answer(url, held_out, method, made["probe_name"],
+                                         args.eval_samples, args.max_tokens, 8,
+                                         args.continuation))
             row = {"method": method, "seconds": time.monotonic() - started,
                    "correct": [r["correct"] for r in results],
-                   "tokens": [r["tokens"] for r in results]}
+                   "tokens": [r["tokens"] for r in results],
+                   "continued": statistics.fmean(r["continued"] for r in results)}
             if method == "diffadapt":
                 row["classes"] = {c: sum(r["class"] == c for r in results) for c in CLASSES}
             rows.append(row)
@@ -116,13 +139,15 @@ def run(args) -> None:
     finally:
         if server is not None:
             server.stop()
-    counts = {c: sum(r["label"] == c for r in labelled["questions"]) for c in CLASSES}
+    continuation = args.continuation
+    if continuation is None:
+        continuation = RECIPES[recipe].continuation is not None
     report = {"model": model, "recipe": recipe.value, "train_questions": len(training),
-              "held_out_questions": len(held_out), "label_samples": labelled["samples"],
-              "label_temperature": labelled["temperature"], "label_top_p": labelled["top_p"],
-              "eval_samples": args.eval_samples, "max_tokens": args.max_tokens,
-              "thresholds": labelled["thresholds"], "label_counts": counts,
-              "label_seconds": label_seconds, "probe": metrics, "strategies": rows}
+              "held_out_questions": len(held_out), "eval_samples": args.eval_samples,
+              "max_tokens": args.max_tokens, "continuation": continuation,
+              "command": "python -m clients.diffadapt_eval " + " ".join(sys.argv[1:]),
+              **made, "strategies": rows}
+    (out / recipe.value).mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / recipe.value / "results.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out / recipe.value / "results.md", markdown(report))
     plot([json.loads((out / r.value / "results.json").read_text()) for r in Recipe
@@ -135,21 +160,31 @@ def markdown(report: dict) -> str:
 
     p = report["probe"]
     t = report["thresholds"]
+    thresholds = f"α = {t['alpha']:.3f}, β = {t['beta']:.3f} nats, γ = {t['gamma']:.3f}"
+    if "label_counts" in report:
+        made = (f"{report['train_questions']} training problems labelled with k = "
+                f"{report['label_samples']} answers each (T = {report['label_temperature']}, "
+                f"top-p {report['label_top_p']}; thresholds {thresholds}; classes "
+                f"{report['label_counts']})")
+    else:
+        made = (f"the stored probe '{report['probe_name']}' ({report['probe_source']}; "
+                f"thresholds {thresholds}), its metrics as recorded when it was trained")
+    f1 = p.get("held_out_macro_f1")
+    cut_off = ("continued after the authors' prefix" if report["continuation"]
+               else "left as it is")
     lines = [
-        f"Recipe **{report['recipe']}**, model {report['model']}; {report['train_questions']} "
-        f"training problems labelled with k = {report['label_samples']} answers each "
-        f"(T = {report['label_temperature']}, top-p {report['label_top_p']}; thresholds "
-        f"α = {t['alpha']:.3f}, β = {t['beta']:.3f} nats, γ = {t['gamma']:.3f}; classes "
-        f"{report['label_counts']}).", "",
+        f"Recipe **{report['recipe']}**, model {report['model']}; {made}.", "",
         "| probe (held-out split) | accuracy | macro-F1 |", "|---|---|---|",
-        f"| 2-layer MLP | {p['held_out_accuracy']:.3f} | {p['held_out_macro_f1']:.3f} |",
+        f"| 2-layer MLP | {p['held_out_accuracy']:.3f} | "
+        f"{'' if f1 is None else f'{f1:.3f}'} |",
         f"| linear head | {p['linear_accuracy']:.3f} | |",
         f"| majority class | {p['majority_accuracy']:.3f} | |", "",
         f"{report['held_out_questions']} held-out problems, {report['eval_samples']} answers "
-        f"each, Max = {report['max_tokens']} tokens; 95% bootstrap intervals over problems, "
-        "and paired against always-normal (the same problems):", "",
+        f"each, Max = {report['max_tokens']} tokens, an answer its budget cut off {cut_off}; 95% "
+        "bootstrap intervals over problems, and paired against always-normal (the same "
+        f"problems). Command: `{report['command']}`", "",
         "| strategy | accuracy | Δ accuracy vs normal | mean output tokens | Δ tokens vs normal "
-        "| wall time (s) |", "|---|---|---|---|---|---|",
+        "| continued | wall time (s) |", "|---|---|---|---|---|---|---|",
     ]
     normal = next(r for r in report["strategies"] if r["method"] == "normal")
     for row in report["strategies"]:
@@ -159,7 +194,8 @@ def markdown(report: dict) -> str:
         if "classes" in row:
             name += f" (picked {row['classes']})"
         cells = [name, interval_text(mean_interval(row["correct"])), "",
-                 interval_text(mean_interval(row["tokens"]), 1), "", f"{row['seconds']:.0f}"]
+                 interval_text(mean_interval(row["tokens"]), 1), "",
+                 f"{row['continued']:.2f}", f"{row['seconds']:.0f}"]
         if row is not normal:
             cells[2] = interval_text(paired_difference(row["correct"], normal["correct"]))
             cells[4] = interval_text(paired_difference(row["tokens"], normal["tokens"]), 1)
@@ -203,6 +239,10 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--train", type=int, default=360, help="training problems")
     r.add_argument("--test", type=int, default=150, help="held-out problems")
     r.add_argument("--recipe", choices=[r.value for r in Recipe], default=Recipe.VARIANT.value)
+    r.add_argument("--probe", help="evaluate this stored probe (its recipe) instead of "
+                   "labelling and training one")
+    r.add_argument("--continuation", action=argparse.BooleanOptionalAction, default=None,
+                   help="continue answers cut off by their budget (default: the recipe's)")
     r.add_argument("--samples", type=int, default=6, help="answers per training problem")
     r.add_argument("--eval-samples", type=int, default=2, help="answers per held-out problem")
     r.add_argument("--max-tokens", type=int, default=256, help="the strategies' Max")

@@ -1,5 +1,6 @@
 """The experiment behind docs/particles.md: single sampling, best-of-n, PF and ePF on the
-project's verifiable problems, with accuracy, generated tokens, wall time and throughput.
+project's verifiable problems, with accuracy (95% bootstrap intervals, paired differences),
+generated tokens, wall time and throughput, and a plot of the accuracies.
 
 Every method answers the same held-out problems with the same reward (self-certainty):
 best-of-n samples n whole answers (plain `n`) and keeps the one with the highest
@@ -65,7 +66,8 @@ async def solve(url: str, problems: list[Problem], method: str, n: int, args) ->
     return {"method": "single sample" if n == 1 else method, "n": n,
             "accuracy": statistics.fmean(c for c, _ in results),
             "tokens_per_question": tokens / len(problems), "seconds": seconds,
-            "tokens_per_second": tokens / seconds}
+            "tokens_per_second": tokens / seconds,
+            "correct": [c for c, _ in results], "tokens": [t for _, t in results]}
 
 
 def certainty(steering: dict) -> float:
@@ -101,6 +103,7 @@ def run(args) -> None:
               "concurrency": args.concurrency, "rows": rows}
     write_text_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out / "results.md", markdown(report))
+    plot(report, out / "accuracy.png")
     print(markdown(report))
 
 
@@ -126,22 +129,60 @@ def throughput(args) -> None:
 
 
 def markdown(report: dict) -> str:
+    """The table: accuracy and tokens with 95% bootstrap intervals over problems, and each
+    particle method paired against best-of-n and against PF at the same n (the same
+    problems)."""
+    from clients.stats import interval_text, mean_interval, paired_difference
+
     lines = [
         f"Model {report['model']}, {report['problems']} problems (seed 3), temperature 0.8, "
         f"max_tokens {report['max_tokens']} per particle, step delimiter "
         f"{json.dumps(report['delimiter'])}, max_steps {report['max_steps']}, "
-        f"{report['concurrency']} requests at a time; reward: self-certainty.", "",
-        "| method | n | accuracy | generated tokens / problem | wall time (s) | tokens/s |",
-        "|---|---|---|---|---|---|",
+        f"{report['concurrency']} requests at a time; reward: self-certainty. 95% bootstrap "
+        "intervals over problems; Δ columns are paired differences on the same problems.", "",
+        "| method | n | accuracy | Δ vs best-of-n | Δ vs PF | generated tokens / problem "
+        "| wall time (s) | tokens/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    by = {(r["method"], r["n"]): r for r in report["rows"]}
     for r in report["rows"]:
-        lines.append(f"| {r['method']} | {r['n']} | {r['accuracy']:.3f} | "
-                     f"{r['tokens_per_question']:.0f} | {r['seconds']:.0f} | "
-                     f"{r['tokens_per_second']:.0f} |")
+        cells = [r["method"], str(r["n"]), interval_text(mean_interval(r["correct"])), "", "",
+                 interval_text(mean_interval(r["tokens"]), 0), f"{r['seconds']:.0f}",
+                 f"{r['tokens_per_second']:.0f}"]
+        for column, baseline in ((3, "best-of-n"), (4, "PF")):
+            other = by.get((baseline, r["n"]))
+            if other is not None and other is not r and r["n"] > 1:
+                cells[column] = interval_text(paired_difference(r["correct"], other["correct"]))
+        lines.append("| " + " | ".join(cells) + " |")
     ratios = ", ".join(f"n = {n}: {ratio:.2f}×" for n, ratio in report["epf_vs_sampling"].items())
     lines += ["", "Throughput of ePF (EA) relative to sampling n whole answers (best-of-n) on the "
               f"same prompts in the same run: {ratios}."]
     return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Accuracy per method with its 95% interval, one group per particle count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from clients.stats import mean_interval
+
+    figure, axis = plt.subplots(figsize=(7.5, 3.8))
+    labels = []
+    for x, r in enumerate(report["rows"]):
+        mean, low, high = mean_interval(r["correct"])
+        axis.errorbar(x, mean, yerr=[[mean - low], [high - mean]], fmt="o", capsize=4,
+                      color=f"C{list(METHODS).index(r['method']) if r['n'] > 1 else 4}")
+        labels.append(f"{r['method']}\nn = {r['n']}")
+    axis.set_xticks(range(len(labels)), labels, fontsize=7)
+    axis.set_ylabel("accuracy (95% bootstrap interval)")
+    axis.set_title(f"Particle filtering on {report['model']}, {report['problems']} problems")
+    figure.tight_layout()
+    partial = path.with_suffix(".partial.png")
+    figure.savefig(partial, dpi=120)
+    partial.replace(path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("run", help="the whole experiment")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--url", help="use a running server instead of starting one")
-    r.add_argument("--problems", type=int, default=40)
+    r.add_argument("--problems", type=int, default=100)
     r.add_argument("--n", type=int, nargs="+", default=[1, 4, 8])
     r.add_argument("--max-tokens", type=int, default=128)
     r.add_argument("--max-steps", type=int, default=8)

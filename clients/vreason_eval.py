@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -28,8 +29,12 @@ from steering.vreason import EntropyPhase, VReasonConfig
 PLAIN = "greedy"
 
 
-def method_settings(every: list[int]) -> dict[str, dict | None]:
-    return {PLAIN: None, **{f"V-Reason k={k}": {"every": k} for k in every}}
+def method_settings(every: list[int], context_every: list[int]) -> dict[str, dict | None]:
+    """Greedy, V-Reason on the prompt's positions (the stand-in for the paper's video tokens)
+    at each k of `every`, and on the whole context at each k of `context_every`."""
+    return {PLAIN: None, **{f"V-Reason k={k}": {"every": k} for k in every},
+            **{f"V-Reason k={k}, context": {"every": k, "positions": "context"}
+               for k in context_every}}
 
 
 def final_phase(entropy: list[float], beta: float) -> tuple[int, float | None]:
@@ -60,11 +65,14 @@ async def solve(url: str, problems: list[Problem], vreason: dict | None, args) -
 
 
 def summarise(name: str, answers: list[dict]) -> dict:
-    finals = [a["final_entropy"] for a in answers if a["final_entropy"] is not None]
-    return {"method": name, "accuracy": statistics.fmean(a["correct"] for a in answers),
-            "tokens": statistics.fmean(a["tokens"] for a in answers),
-            "final_phase_entropy": statistics.fmean(finals) if finals else None,
-            "mean_entropy": statistics.fmean(h for a in answers for h in a["entropy"])}
+    """Per problem: correct, output tokens, final-phase entropy (NaN: no phase after the
+    peak) and the answer's mean token entropy, for intervals over problems."""
+    return {"method": name, "correct": [float(a["correct"]) for a in answers],
+            "tokens": [a["tokens"] for a in answers],
+            "final_phase_entropy": [math.nan if a["final_entropy"] is None else
+                                    a["final_entropy"] for a in answers],
+            "mean_entropy": [statistics.fmean(a["entropy"]) if a["entropy"] else math.nan
+                             for a in answers]}
 
 
 def latency(url: str, prompts: list[str], vreason: dict | None, tokens: int) -> float:
@@ -97,7 +105,7 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     problems = generate(args.problems, seed=5)
     server = steer_server(Path(tempfile.mkdtemp()) / "server.log")
-    methods = method_settings(args.every)
+    methods = method_settings(args.every, args.context_every)
     rows, trajectories, bench = [], {}, []
     try:
         url = server.base_url
@@ -105,7 +113,8 @@ def run(args) -> None:
             answers = asyncio.run(solve(url, problems, vreason, args))["answers"]
             rows.append(summarise(name, answers))
             trajectories[name] = mean_trajectory([a["entropy"] for a in answers])
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps({"method": name, "accuracy": statistics.fmean(rows[-1]["correct"])}),
+                  flush=True)
         prompts = [p.question for p in problems[: args.latency_prompts]]
         rss_before = tree_rss_mib(server.process.pid)
         for name, vreason in methods.items():
@@ -159,19 +168,30 @@ def plot(trajectories: dict[str, list[float]], path: Path) -> None:
 
 
 def markdown(report: dict) -> str:
+    """Means with 95% bootstrap intervals over problems; under each V-Reason row, its paired
+    difference from greedy on the same problems."""
+    from clients.stats import interval_text, mean_interval, paired_difference
+
     s = report["settings"]
+    columns = ("correct", "tokens", "final_phase_entropy", "mean_entropy")
     lines = [
         f"Model {report['model']}, {report['problems']} problems (seed 5), greedy decoding, "
         f"max_tokens {report['max_tokens']}, {report['concurrency']} requests at a time. "
-        f"V-Reason: steps {s['steps']}, lr {s['lr']}, EMA β {s['ema']}, positions "
-        f"{s['positions']}.", "",
+        f"V-Reason: steps {s['steps']}, lr {s['lr']}, EMA β {s['ema']}, positions prompt unless "
+        "marked 'context'. 95% bootstrap intervals over problems; each Δ row is the paired "
+        "difference from greedy on the same problems (final-phase entropy over the problems "
+        "where both answers have a phase after the peak).", "",
         "| method | accuracy | output tokens | final-phase entropy | mean entropy |",
         "|---|---|---|---|---|",
     ]
+    greedy = report["rows"][0]
     for r in report["rows"]:
-        final = "–" if r["final_phase_entropy"] is None else f"{r['final_phase_entropy']:.3f}"
-        lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {r['tokens']:.1f} | {final} | "
-                     f"{r['mean_entropy']:.3f} |")
+        cells = [interval_text(mean_interval(r[c]), 1 if c == "tokens" else 3) for c in columns]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+        if r is not greedy:
+            cells = [interval_text(paired_difference(r[c], greedy[c]), 1 if c == "tokens" else 3)
+                     for c in columns]
+            lines.append("| Δ vs greedy | " + " | ".join(cells) + " |")
     lat = report["latency"]
     lines += ["", f"Per-token latency, one request at a time, {lat['prompts']} prompts × "
               f"{lat['tokens']} tokens each (ignore_eos), same server, same run; resident "
@@ -190,8 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="the whole experiment")
     r.add_argument("--out", type=Path, required=True)
-    r.add_argument("--problems", type=int, default=100)
+    r.add_argument("--problems", type=int, default=200)
     r.add_argument("--every", type=int, nargs="+", default=[2, 8])
+    r.add_argument("--context-every", type=int, nargs="*", default=[2],
+                   help="V-Reason on the whole context at these k")
     r.add_argument("--max-tokens", type=int, default=128)
     r.add_argument("--concurrency", type=int, default=4)
     r.add_argument("--latency-prompts", type=int, default=8)
