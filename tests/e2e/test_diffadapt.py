@@ -270,6 +270,13 @@ def paper_probe_messages(question: str) -> list[dict]:
             {"role": "assistant", "content": framing.prefill}]
 
 
+def strategy_messages(strategy, question: str) -> list[dict]:
+    """A paper strategy's conversation for `question` with no system message of its own."""
+    return [{"role": "system", "content": strategy.system},
+            {"role": "user", "content": strategy.wrap(question)},
+            {"role": "assistant", "content": strategy.prefill}]
+
+
 def assert_sent_as(http, hf_model, choice: dict, messages: list[dict], **sampling) -> None:
     """The choice's prompt is HF's rendering of `messages` continuing the assistant prefill,
     and its tokens are what that conversation gets sent plainly with `sampling`."""
@@ -319,11 +326,8 @@ def test_paper_probe_reads_after_the_difficulty_prefill_and_prefills_its_strateg
                                   "system": easy.system, "temperature": 0.5, "top_p": 1.0,
                                   "budget": 0.4, "max_tokens": 40}
     assert report["continuation"] is None and report["continued"] is None
-    messages = [{"role": "system", "content": easy.system},
-                {"role": "user", "content": easy.wrap(QUESTIONS[0])},
-                {"role": "assistant", "content": easy.prefill}]
-    assert_sent_as(http, hf_model, choice, messages, max_tokens=40, seed=5, temperature=0.5,
-                   top_p=1.0)
+    assert_sent_as(http, hf_model, choice, strategy_messages(easy, QUESTIONS[0]), max_tokens=40,
+                   seed=5, temperature=0.5, top_p=1.0)
 
 
 def test_paper_normal_strategy_samples_with_top_p(http, hf_model, paper_probes):
@@ -359,11 +363,8 @@ def test_a_set_difficulty_serves_its_strategy_without_the_probe_pass(http, hf_mo
     assert report["difficulty"] == "hard" and report["probabilities"] is None \
         and report["probe_position"] is None
     hard = PAPER.strategies["hard"].for_model(False)
-    messages = [{"role": "system", "content": hard.system},
-                {"role": "user", "content": hard.wrap(QUESTIONS[0])},
-                {"role": "assistant", "content": hard.prefill}]
-    assert_sent_as(http, hf_model, choice, messages, max_tokens=10, seed=4, temperature=0.4,
-                   top_p=1.0)
+    assert_sent_as(http, hf_model, choice, strategy_messages(hard, QUESTIONS[0]), max_tokens=10,
+                   seed=4, temperature=0.4, top_p=1.0)
 
 
 def test_paper_recipe_continues_an_answer_its_budget_cut_off(http, hf_model, paper_probes):
