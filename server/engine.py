@@ -841,25 +841,27 @@ class SteeringClient:
         if delta:
             yield cut_off  # its last tokens, no longer the end
         offset, copied = record.produced + len(prefix_ids), 0
-        async for output in self._steered_choice(inner, 0, j, {"prompt_token_ids": so_far},
-                                                 more, request_id, kwargs):
-            piece, ran = output.outputs[0], inner.record(0)
-            record.trace.copy_from(ran.trace, copied, ran.produced, offset)
-            copied = ran.produced
-            record.continued = {"prefix_tokens": len(prefix_ids), "tokens": ran.produced,
-                                "finish_reason": piece.finish_reason}
-            if delta and prefix is not None:  # the prefix goes out before the first tokens
-                record.produced += len(prefix_ids)
-                yield _with_completion(cut_off, prefix)
-                prefix = None
-            if not delta:  # one output: everything so far
-                piece.text = first.text + continuation.prefix + piece.text
-                piece.token_ids = [*first.token_ids, *prefix_ids, *piece.token_ids]
-                if first.logprobs is not None:
-                    piece.logprobs = [*first.logprobs, *prefix.logprobs, *piece.logprobs]
-            piece.index = j
-            record.produced = offset + ran.produced
-            yield _with_completion(cut_off, piece)
+        stream = self._steered_choice(inner, 0, j, {"prompt_token_ids": so_far}, more,
+                                      request_id, kwargs)
+        async with contextlib.aclosing(stream):  # a client gone mid-way aborts it at once
+            async for output in stream:
+                piece, ran = output.outputs[0], inner.record(0)
+                record.trace.copy_from(ran.trace, copied, ran.produced, offset)
+                copied = ran.produced
+                record.continued = {"prefix_tokens": len(prefix_ids), "tokens": ran.produced,
+                                    "finish_reason": piece.finish_reason}
+                if delta and prefix is not None:  # the prefix goes out before the first tokens
+                    record.produced += len(prefix_ids)
+                    yield _with_completion(cut_off, prefix)
+                    prefix = None
+                if not delta:  # one output: everything so far
+                    piece.text = first.text + continuation.prefix + piece.text
+                    piece.token_ids = [*first.token_ids, *prefix_ids, *piece.token_ids]
+                    if first.logprobs is not None:
+                        piece.logprobs = [*first.logprobs, *prefix.logprobs, *piece.logprobs]
+                piece.index = j
+                record.produced = offset + ran.produced
+                yield _with_completion(cut_off, piece)
 
     async def _steered_choice(self, session: SteeringSession, index: int, j: int, prompt,
                               params, request_id: str, kwargs):
