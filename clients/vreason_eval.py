@@ -135,7 +135,7 @@ def run(args) -> None:
               "trajectories": trajectories}
     write_text_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out / "results.md", markdown(report))
-    plot(trajectories, out / "entropy.png")
+    plot(report, out / "entropy.png")
     print(markdown(report))
 
 
@@ -145,22 +145,39 @@ def mean_trajectory(traces: list[list[float]]) -> list[float]:
     return [statistics.fmean(t[i] for t in traces if len(t) > i) for i in range(longest)]
 
 
-def plot(trajectories: dict[str, list[float]], path: Path) -> None:
+def plot(report: dict, path: Path) -> None:
+    """Left: the entropy EMA per generated token, mean over the problems still answering.
+    Right: each V-Reason setting's paired difference from greedy, with its 95% interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 3.6))
-    for name, values in trajectories.items():
+    from clients.stats import paired_difference
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8),
+                                         gridspec_kw={"width_ratios": [3, 2]})
+    for name, values in report["trajectories"].items():
         phase, smoothed = EntropyPhase(VReasonConfig().ema), []
         for h in values:
             phase.observe(h)
             smoothed.append(phase.ema)
-        axis.plot(smoothed, label=name)
-    axis.set_xlabel("generated token")
-    axis.set_ylabel("entropy EMA (nats), mean over problems")
-    axis.legend()
+        left.plot(smoothed, label=name)
+    left.set_xlabel("generated token")
+    left.set_ylabel("entropy EMA (nats), mean over problems")
+    left.legend()
+    greedy, tuned = report["rows"][0], report["rows"][1:]
+    for offset, (column, label) in enumerate((("final_phase_entropy", "final-phase entropy"),
+                                              ("mean_entropy", "mean entropy"))):
+        for y, row in enumerate(tuned):
+            mean, low, high = paired_difference(row[column], greedy[column])
+            right.errorbar(mean, y + 0.15 * (offset * 2 - 1), xerr=[[mean - low], [high - mean]],
+                           fmt="o", capsize=3, color=f"C{offset + 4}",
+                           label=label if y == 0 else None)
+    right.axvline(0, color="grey", linewidth=0.8)
+    right.set_yticks(range(len(tuned)), [row["method"] for row in tuned], fontsize=8)
+    right.set_xlabel("Δ vs greedy (nats), 95% interval")
+    right.legend(fontsize=8)
     figure.tight_layout()
     partial = path.with_suffix(".partial.png")
     figure.savefig(partial, dpi=120)
