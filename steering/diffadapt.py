@@ -291,20 +291,21 @@ _PAPER_QUESTION = ("{question}\n\nLet's reason step by step, and put your final 
 
 @dataclass(frozen=True)
 class Continuation:
-    """The authors' rescue of an answer cut off by its token budget: the answer so far, then
-    `prefix`, sampled on at `temperature` / `top_p` for at most `max_tokens` until `stop`
-    (their `batch_generate_responses`: T 0.6, top-p 1.0, stop "}", 1024 tokens in their runs).
-    Their command-line default spells the prefix with a literal backslash-n and a doubled
-    backslash; the function's own default, used here, is a newline and one backslash."""
+    """How an answer cut off by its token budget goes on: the answer so far, then `prefix`,
+    sampled on at `temperature` / `top_p` for at most `max_tokens` until `stop`."""
 
-    prefix: str = "\nNow the correct answer is \\boxed{"
-    temperature: float = 0.6
-    top_p: float = 1.0
-    max_tokens: int = 1024
-    stop: str = "}"
+    prefix: str
+    temperature: float
+    top_p: float
+    max_tokens: int
+    stop: str
 
 
-AUTHORS_CONTINUATION = Continuation()
+# The authors' `batch_generate_responses` (1024 tokens in their runs). Their command-line default
+# spells the prefix with a literal backslash-n and a doubled backslash; the function's own
+# default, used here, is a newline and one backslash.
+AUTHORS_CONTINUATION = Continuation(prefix="\nNow the correct answer is \\boxed{",
+                                    temperature=0.6, top_p=1.0, max_tokens=1024, stop="}")
 
 
 @dataclass(frozen=True)
