@@ -273,6 +273,34 @@ def test_gate_and_v_reason_markers_and_the_difficulty_view(browser, server, http
                     for name, p in report["diffadapt"]["probabilities"].items()}
 
 
+def test_a_diffadapt_class_and_continuation_are_sent_and_shown(browser, server, http):
+    """The class and continuation controls (the class list from the server's schema) reach
+    the request; the view shows the class without probabilities, and the continuation the
+    server's report gives (a 4-token Hard budget cuts the answer off)."""
+    open_page(browser, server)
+    from selenium.webdriver.support.ui import Select
+
+    set_value(browser, "prompt", "What is 12 times 7?")
+    set_value(browser, "max-tokens", 8)
+    set_value(browser, "seed", 3)
+    open_section(browser, "DiffAdapt")
+    Select(by_id(browser, "diffadapt-probe")).select_by_value("paper")
+    Select(by_id(browser, "diffadapt-difficulty")).select_by_value("hard")
+    Select(by_id(browser, "diffadapt-continuation")).select_by_value("true")
+    body = sent_body(browser)
+    assert body["steering"]["diffadapt"] == {"probe": "paper", "difficulty": "hard",
+                                             "continuation": True}
+    send_and_wait(browser)
+    assert by_id(browser, "error").text == ""
+    report = http.post("/v1/chat/completions", json={**body, "stream": False}).json()[
+        "choices"][0]["steering"]["diffadapt"]
+    view = by_id(browser, "diffadapt-view").text
+    assert report["continued"] is not None and "(paper recipe): hard" in view
+    assert not css(browser, "#diffadapt-view .bar")
+    assert f"{report['continued']['tokens']} tokens ({report['continued']['finish_reason']})" \
+        in view
+
+
 def test_errors_show_the_server_message(browser, server, http):
     open_page(browser, server)
     open_section(browser, "EAST")

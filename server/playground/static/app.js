@@ -205,6 +205,9 @@ const describeVector = (v) => `${v.id} (layer ${v.layer}${v.method ? `, ${v.meth
 function buildControls() {
   fillSelect($("east-vector"), state.vectors, describeVector);
   fillSelect($("diffadapt-probe"), state.probes, (p) => p.id);
+  const classes = state.schemas.DiffAdaptOptions.properties.difficulty.anyOf.find((s) => s.enum).enum;
+  $("diffadapt-difficulty").replaceChildren(el("option", { value: "", text: "the probe's" }),
+    ...classes.map((c) => el("option", { value: c, text: c })));
   const positions = state.schemas.EastOptions.properties.positions;
   $("east-positions").replaceChildren(...positions.enum.map((v) => el("option", { value: v, text: v, selected: v === positions.default })));
   buildFields("particles", "ParticleOptions", ["stop"]);
@@ -279,7 +282,12 @@ function steeringOptions() {
     if ($("east-positions").value !== state.schemas.EastOptions.properties.positions.default) east.positions = $("east-positions").value;
     steering.east = east;
   }
-  if ($("diffadapt-probe").value) steering.diffadapt = { probe: $("diffadapt-probe").value };
+  if ($("diffadapt-probe").value) {
+    const diffadapt = { probe: $("diffadapt-probe").value };
+    if ($("diffadapt-difficulty").value) diffadapt.difficulty = $("diffadapt-difficulty").value;
+    if ($("diffadapt-continuation").value) diffadapt.continuation = $("diffadapt-continuation").value === "true";
+    steering.diffadapt = diffadapt;
+  }
   if ($("particles-on").checked) steering.particles = readFields("particles", "ParticleOptions");
   if ($("vreason-on").checked) steering.vreason = readFields("vreason", "VReasonOptions");
   const gates = readGates();
