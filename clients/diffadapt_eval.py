@@ -95,11 +95,11 @@ def make_probe(url: str, args, recipe: Recipe, training: list[Problem]) -> dict:
 
 
 def stored_probe(url: str, name: str) -> dict:
-    """A stored probe's thresholds and metrics as its training recorded them (no
+    """A stored probe's recipe, thresholds and metrics as its training recorded them (no
     relabelling)."""
     probe = check(httpx.get(f"{url}/v1/steering/probes/{name}"))
-    return {"thresholds": probe["thresholds"], "probe": probe["metrics"], "probe_name": name,
-            "probe_source": probe["source"]}
+    return {"recipe": probe["recipe"], "thresholds": probe["thresholds"],
+            "probe": probe["metrics"], "probe_name": name, "probe_source": probe["source"]}
 
 
 def run(args) -> None:
@@ -117,7 +117,7 @@ def run(args) -> None:
     try:
         if args.probe:
             made = stored_probe(url, args.probe)
-            recipe = Recipe(check(httpx.get(f"{url}/v1/steering/probes/{args.probe}"))["recipe"])
+            recipe = Recipe(made["recipe"])
         else:
             recipe = Recipe(args.recipe)
             made = make_probe(url, args, recipe, training)
