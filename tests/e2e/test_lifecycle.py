@@ -12,6 +12,7 @@ import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import httpx
 import psutil
@@ -290,28 +291,34 @@ def test_priority_orders_the_waiting_queue(second_life):
     """`priority` reaches vLLM's scheduler (this server runs `--scheduling-policy priority`
     with 2 sequences at once): with both slots busy, a request sent second with a lower
     priority value is served first (first come, first served would serve it last). The busy
-    requests are long enough to outlast both submissions, and of unequal length, so one slot
-    frees at a time."""
+    pair are streams far longer than the test; the test frees one slot by leaving one stream,
+    so neither the machine's speed nor their lengths decide when the queue moves."""
     server = second_life
     assert held(server) == 0 and running(server) == 0
-    with ThreadPoolExecutor(4) as pool:
-        busy = [pool.submit(completion, server, max_tokens=tokens) for tokens in (300, 900)]
-        assert wait_until(lambda: running(server) >= 2, 60), outcomes_so_far(server, busy)
-        finished: dict[str, float] = {}
+    finished: dict[str, float] = {}
 
-        def timed(name: str, priority: int):
-            outcome = completion(server, max_tokens=4, priority=priority)
-            finished[name] = time.monotonic()
-            return outcome
+    def timed(name: str, priority: int):
+        outcome = completion(server, max_tokens=4, priority=priority)
+        finished[name] = time.monotonic()
+        return outcome
 
+    with ExitStack() as busy, ThreadPoolExecutor(2) as pool:
+        streams = [busy.enter_context(httpx.stream(
+            "POST", f"{server.base_url}/v1/completions", headers=KEYS, timeout=120, json={
+                "model": MODEL, "prompt": "Tell me a long story about a ship.",
+                "max_tokens": 4000, "ignore_eos": True, "stream": True})) for _ in range(2)]
+        assert wait_until(lambda: running(server) >= 2, 60), outcomes_so_far(server, [])
         later = pool.submit(timed, "later", 5)
-        assert wait_until(lambda: waiting(server) >= 1, 30)
+        assert wait_until(lambda: waiting(server) >= 1, 30), outcomes_so_far(server, [later])
         sooner = pool.submit(timed, "sooner", -5)
-        assert wait_until(lambda: waiting(server) >= 2, 30)
-        assert running(server) == 2  # both still queued behind the busy pair
-        outcomes = [f.result() for f in (*busy, later, sooner)]
-    assert [o["status"] for o in outcomes] == [200] * 4
+        assert wait_until(lambda: waiting(server) >= 2, 30), \
+            outcomes_so_far(server, [later, sooner])
+        assert running(server) == 2 and not finished  # both still queued behind the busy pair
+        streams[0].close()  # one slot frees: the queue's order decides who takes it
+        outcomes = [later.result(), sooner.result()]
+    assert [o["status"] for o in outcomes] == [200] * 2
     assert finished["sooner"] < finished["later"]
+    assert wait_until(lambda: running(server) == 0 and held(server) == 0, 30)
 
 
 def test_engine_death_gives_503s_not_hangs(second_life):
