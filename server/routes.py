@@ -107,7 +107,8 @@ async def health(state: StateDep):
     return {"status": "ok"}
 
 
-@ops.api_route("/ping", methods=["GET", "POST"])
+@ops.get("/ping")
+@ops.post("/ping")  # one route per method: each gets its own OpenAPI operation id
 async def ping(state: StateDep):
     """`vllm serve`'s liveness route: the same answer as /health."""
     return await health(state)
