@@ -752,10 +752,9 @@ class SteeringClient:
             async for output in children[0]:
                 yield output
             return
-        from vllm.sampling_params import RequestOutputKind
         from vllm.utils.async_utils import merge_async_iterators
 
-        if sampling_params.output_kind == RequestOutputKind.DELTA:
+        if _streams_deltas(sampling_params):
             async for _, output in merge_async_iterators(*children):
                 output.request_id = request_id
                 yield output
@@ -775,15 +774,13 @@ class SteeringClient:
         grammar, whose state the continuation would not carry). This server's errors leave as
         vLLM's `GracefulHTTPError`, so that vLLM's serving layer answers them (in a stream
         too) with their own status."""
-        from vllm.sampling_params import RequestOutputKind
-
         try:
             stream = self._steered_choice(session, index, j, prompt, params, request_id, kwargs)
             if continuation is None or params.structured_outputs is not None:
                 async for output in stream:
                     yield output
                 return
-            delta = params.output_kind == RequestOutputKind.DELTA
+            delta = _streams_deltas(params)
             tokens: list[int] = []
             cut_off = None
             async with contextlib.aclosing(stream):
@@ -814,7 +811,6 @@ class SteeringClient:
         finish reason, the prefix, then the continuation's deltas; otherwise one output with
         all of it. The continuation's entropy joins the choice's trace after the prefix."""
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
 
         engine = self._engine
         record = session.record(index)
@@ -837,7 +833,7 @@ class SteeringClient:
         prefix = copy.copy(first)
         prefix.text, prefix.token_ids = continuation.prefix, prefix_ids
         prefix.logprobs = None if first.logprobs is None else [None] * len(prefix_ids)
-        delta = params.output_kind == RequestOutputKind.DELTA
+        delta = _streams_deltas(params)
         if delta:
             yield cut_off  # its last tokens, no longer the end
         offset, copied = record.produced + len(prefix_ids), 0
@@ -865,13 +861,11 @@ class SteeringClient:
 
     async def _steered_choice(self, session: SteeringSession, index: int, j: int, prompt,
                               params, request_id: str, kwargs):
-        from vllm.sampling_params import RequestOutputKind
-
         engine = self._engine
         if not engine.healthy:
             raise EngineUnavailable("the engine is not running")
         steering = replace(session.steering, max_tokens=params.max_tokens)
-        delta = params.output_kind == RequestOutputKind.DELTA
+        delta = _streams_deltas(params)
         with _engine_errors():
             async with engine._steered(request_id, steering) as (extra_args, salt, trace):
                 record = session.choices[index] = ChoiceRecord(steering, trace)
@@ -898,6 +892,13 @@ class SteeringClient:
                                 request_id, steering)
                         record.produced = produced
                         yield output
+
+
+def _streams_deltas(params) -> bool:
+    """Whether the engine sends each output's new tokens only (a stream), not all so far."""
+    from vllm.sampling_params import RequestOutputKind
+
+    return params.output_kind == RequestOutputKind.DELTA
 
 
 def _with_completion(output, completion):
