@@ -86,6 +86,12 @@ def set_value(driver, element_id, value):
     field.send_keys(str(value))
 
 
+def choose(driver, element_id, value):
+    from selenium.webdriver.support.ui import Select
+
+    Select(by_id(driver, element_id)).select_by_value(value)
+
+
 def open_section(driver, title):
     from selenium.webdriver.common.by import By
 
@@ -98,6 +104,13 @@ def sent_body(driver) -> dict:
     """The request the page will send, as its JSON snippet shows it."""
     return json.loads(driver.execute_script("return document.getElementById('snippet-json')"
                                             ".textContent"))
+
+
+def steering_report(http, body: dict) -> dict:
+    """The server's steering report for the page's request, asked for again without a stream
+    (the same seed gives the same answer)."""
+    return http.post("/v1/chat/completions", json={**body, "stream": False}).json()[
+        "choices"][0]["steering"]
 
 
 def send_and_wait(driver, panes=("steered",)):
@@ -117,8 +130,6 @@ def test_typical_and_east_stream_what_the_server_answers(browser, server, http):
     open_page(browser, server)
     assert by_id(browser, "model-name").text == "SmolLM2-135M-Instruct"
     assert "8192" in by_id(browser, "model-context").text
-    from selenium.webdriver.support.ui import Select
-
     set_value(browser, "prompt", "Describe the sea at night in two sentences.")
     set_value(browser, "max-tokens", 24)
     set_value(browser, "temperature", 0.8)
@@ -126,7 +137,7 @@ def test_typical_and_east_stream_what_the_server_answers(browser, server, http):
     by_id(browser, "typical-on").click()
     set_value(browser, "typical-p", 0.9)
     open_section(browser, "EAST")
-    Select(by_id(browser, "east-vector")).select_by_value("explore")
+    choose(browser, "east-vector", "explore")
     set_value(browser, "east-scale", 1.5)
     by_id(browser, "compare").click()
     body = sent_body(browser)
@@ -234,13 +245,11 @@ def test_gate_and_v_reason_markers_and_the_difficulty_view(browser, server, http
     """A gate, V-Reason and DiffAdapt in one request: the chart marks exactly the tokens the
     server's report names, and the DiffAdapt view shows its class probabilities."""
     open_page(browser, server)
-    from selenium.webdriver.support.ui import Select
-
     set_value(browser, "prompt", "What is 12 times 7?")
     set_value(browser, "max-tokens", 24)
     set_value(browser, "seed", 5)
     open_section(browser, "DiffAdapt")
-    Select(by_id(browser, "diffadapt-probe")).select_by_value("default")
+    choose(browser, "diffadapt-probe", "default")
     open_section(browser, "Entropy gates")
     by_id(browser, "add-gate").click()
     set_value(browser, "gate0-value", 0.3)
@@ -254,8 +263,7 @@ def test_gate_and_v_reason_markers_and_the_difficulty_view(browser, server, http
         "probe": "default"}
     send_and_wait(browser)
     assert by_id(browser, "error").text == ""
-    report = http.post("/v1/chat/completions", json={**body, "stream": False}).json()[
-        "choices"][0]["steering"]
+    report = steering_report(http, body)
 
     def marked(kind):
         return sorted(int(m.get_attribute("data-index"))
@@ -278,22 +286,19 @@ def test_a_diffadapt_class_and_continuation_are_sent_and_shown(browser, server, 
     the request; the view shows the class without probabilities, and the continuation the
     server's report gives (a 4-token Hard budget cuts the answer off)."""
     open_page(browser, server)
-    from selenium.webdriver.support.ui import Select
-
     set_value(browser, "prompt", "What is 12 times 7?")
     set_value(browser, "max-tokens", 8)
     set_value(browser, "seed", 3)
     open_section(browser, "DiffAdapt")
-    Select(by_id(browser, "diffadapt-probe")).select_by_value("paper")
-    Select(by_id(browser, "diffadapt-difficulty")).select_by_value("hard")
-    Select(by_id(browser, "diffadapt-continuation")).select_by_value("true")
+    choose(browser, "diffadapt-probe", "paper")
+    choose(browser, "diffadapt-difficulty", "hard")
+    choose(browser, "diffadapt-continuation", "true")
     body = sent_body(browser)
     assert body["steering"]["diffadapt"] == {"probe": "paper", "difficulty": "hard",
                                              "continuation": True}
     send_and_wait(browser)
     assert by_id(browser, "error").text == ""
-    report = http.post("/v1/chat/completions", json={**body, "stream": False}).json()[
-        "choices"][0]["steering"]["diffadapt"]
+    report = steering_report(http, body)["diffadapt"]
     view = by_id(browser, "diffadapt-view").text
     assert report["continued"] is not None and "(paper recipe): hard" in view
     assert not css(browser, "#diffadapt-view .bar")
@@ -304,9 +309,7 @@ def test_a_diffadapt_class_and_continuation_are_sent_and_shown(browser, server, 
 def test_errors_show_the_server_message(browser, server, http):
     open_page(browser, server)
     open_section(browser, "EAST")
-    from selenium.webdriver.support.ui import Select
-
-    Select(by_id(browser, "east-vector")).select_by_value("explore")
+    choose(browser, "east-vector", "explore")
     set_value(browser, "east-layer", 999)
     body = sent_body(browser)
     expected = http.post("/v1/chat/completions", json=body)
