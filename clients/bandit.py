@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from clients.http import add_server_arguments, auth_headers
+from clients.problems import save_figure, write_text_atomic
 
 ARMS = "ABCDE"
 ACTION_PATTERN = r"\b([A-E])\b"
@@ -153,7 +154,7 @@ def plot(rows: list[dict], path: Path) -> None:
     top.legend()
     top.set_title("EAST on SmolLM2-135M-Instruct, text bandit, 95% bootstrap intervals")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def run(args) -> None:
@@ -197,7 +198,8 @@ def run(args) -> None:
         for name, (vector, stats) in vectors.items():
             upload(url, headers, f"bandit-{name}", vector, args.layer, "east",
                    f"clients.bandit run: {json.dumps(stats)}", f"EAST bandit, {name} recipe")
-        (out / "explore.json").write_text(json.dumps([float(v) for v in vectors["variant"][0]]))
+        write_text_atomic(out / "explore.json",
+                          json.dumps([float(v) for v in vectors["variant"][0]]))
         unsteered = measure("none", 0.0)
         rows = [unsteered]
         for name, betas in (("variant", VARIANT_BETAS), ("paper", PAPER_BETAS),
@@ -219,14 +221,14 @@ def run(args) -> None:
                        "valid_choice_rate": sum(c is not None for c in chosen) / len(chosen)},
               "vectors": {name: stats for name, (_, stats) in vectors.items()},
               "grid": rows, "seconds": round(time.time() - started)}
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_text_atomic(out / "results.json", json.dumps(result, indent=2))
     table = ["| vector | β | action entropy (nats) | Δ vs unsteered | valid-action rate "
              "| Δ vs unsteered |", "|---|---:|---:|---:|---:|---:|"]
     table += [f"| {r['vector']} | {r['beta']:g} | {interval_text(r['action_entropy'])} | "
               f"{interval_text(r['entropy_change'])} | "
               f"{interval_text(r['valid_action_rate'], 2)} | "
               f"{interval_text(r['valid_change'], 2)} |" for r in rows]
-    (out / "results.md").write_text("\n".join(table) + "\n")
+    write_text_atomic(out / "results.md", "\n".join(table) + "\n")
     print("\n".join(table))
     plot(rows, out / "entropy_vs_beta.png")
 

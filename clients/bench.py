@@ -25,6 +25,7 @@ import httpx
 import psutil
 
 from clients.local_server import LocalServer
+from clients.problems import write_text_atomic
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -283,9 +284,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {scenario} | {throughput:.1f} | {ratio:.3f} | {ttft:.3f} | {ttft_ratio:.3f} "
               f"| {cpu['api']:.2f} | {cpu['engine']:.2f} |")
     if args.json:
-        args.json.write_text(json.dumps({"config": vars(args) | {"json": str(args.json),
-                                         "log_dir": str(args.log_dir)}, "results": table},
-                                        indent=2, default=str))
+        write_text_atomic(args.json, json.dumps(
+            {"config": vars(args) | {"json": str(args.json), "log_dir": str(args.log_dir)},
+             "results": table}, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import httpx
 
 from clients.http import check
 from clients.probes import label, probe_meta, train, upload
-from clients.problems import Problem, generate, is_correct, write_text_atomic
+from clients.problems import Problem, generate, is_correct, save_figure, write_text_atomic
 from steering.artifacts import write_artifact
 from steering.diffadapt import CLASSES, RECIPES, Recipe
 
@@ -225,7 +225,7 @@ def plot(reports: list[dict], path: Path) -> None:
         ax.set_ylabel("accuracy (95% bootstrap interval)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

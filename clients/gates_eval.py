@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 
 from clients.bandit import make_prompts, sample_actions
+from clients.problems import save_figure, write_text_atomic
 from steering.east import action_entropy
 
 STORY_PROMPTS = [
@@ -161,7 +162,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     left.legend(fontsize=8)
     fig.suptitle("Gated vs always-on EAST, text bandit, SmolLM2-135M-Instruct")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     return True
 
 
@@ -205,13 +206,13 @@ def main(argv: list[str] | None = None) -> None:
                           args.story_samples, "max_tokens": args.story_tokens,
                           "rows": story_rows},
               "seconds": round(time.time() - started)}
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_text_atomic(out / "results.json", json.dumps(result, indent=2))
     markdown = (table(bandit_rows, [("action_entropy", "action entropy (nats)"),
                                     ("valid_action_rate", "valid-action rate")])
                 + "\n\n" + table(story_rows, [("distinct_2", "distinct-2"),
                                               ("rep_3", "3-gram repetition"),
                                               ("loglik", "log-likelihood / token at T = 1")]))
-    (out / "results.md").write_text(markdown + "\n")
+    write_text_atomic(out / "results.md", markdown + "\n")
     print(markdown)
     if plot(bandit_rows, out / "bandit.png"):
         print(f"plot: {out / 'bandit.png'}")

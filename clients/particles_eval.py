@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from clients.http import check
-from clients.problems import Problem, generate, is_correct, write_text_atomic
+from clients.problems import Problem, generate, is_correct, save_figure, write_text_atomic
 
 METHODS = {
     "best-of-n": None,
@@ -180,9 +180,7 @@ def plot(report: dict, path: Path) -> None:
     axis.set_ylabel("accuracy (95% bootstrap interval)")
     axis.set_title(f"Particle filtering on {report['model']}, {report['problems']} problems")
     figure.tight_layout()
-    partial = path.with_suffix(".partial.png")
-    figure.savefig(partial, dpi=120)
-    partial.replace(path)
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,8 @@ import argparse
 import json
 import random
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -128,13 +130,30 @@ def read_problems(path: Path) -> list[Problem]:
     return problems
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write the whole file or nothing (temporary file, then rename)."""
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path` to write, renamed over `path` once written: readers see
+    the whole file or the old one, never half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with _replacing(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_figure(figure, path: Path) -> None:
+    """A matplotlib figure saved whole or not at all, in the format its name's suffix says."""
+    with _replacing(path) as tmp:
+        figure.savefig(tmp, dpi=120, format=Path(path).suffix[1:])
 
 
 def write_jsonl(records, path: Path) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from clients.http import check
-from clients.problems import Problem, generate, is_correct, write_text_atomic
+from clients.problems import Problem, generate, is_correct, save_figure, write_text_atomic
 from steering.vreason import EntropyPhase, VReasonConfig
 
 PLAIN = "greedy"
@@ -179,9 +179,7 @@ def plot(report: dict, path: Path) -> None:
     right.set_xlabel("Δ vs greedy (nats), 95% interval")
     right.legend(fontsize=8)
     figure.tight_layout()
-    partial = path.with_suffix(".partial.png")
-    figure.savefig(partial, dpi=120)
-    partial.replace(path)
+    save_figure(figure, path)
 
 
 def markdown(report: dict) -> str:

@@ -1,8 +1,9 @@
-"""The answer checker: which number of a reply is its answer."""
+"""The answer checker (which number of a reply is its answer), and the results files the
+evaluations write whole or not at all."""
 
 import pytest
 
-from clients.problems import extract_answer, is_correct
+from clients.problems import extract_answer, is_correct, save_figure, write_text_atomic
 
 
 @pytest.mark.parametrize("text, answer", [
@@ -20,3 +21,20 @@ def test_the_answer_of_a_reply(text, answer):
 
 def test_is_correct_compares_the_extracted_number():
     assert is_correct("\\boxed{-3}", -3) and not is_correct("\\boxed{3}", -3)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_leftover(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots()
+    axis.plot([0, 1])
+    save_figure(figure, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    write_text_atomic(tmp_path / "results.md", "old")
+    with pytest.raises(UnicodeEncodeError):  # the file is open when the text fails to encode
+        write_text_atomic(tmp_path / "results.md", "new \ud800")
+    assert (tmp_path / "results.md").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png", "results.md"]
