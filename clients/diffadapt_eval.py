@@ -29,7 +29,7 @@ from clients.http import check
 from clients.probes import label, probe_meta, train, upload
 from clients.problems import Problem, generate, is_correct, save_figure, write_text_atomic
 from steering.artifacts import write_artifact
-from steering.diffadapt import CLASSES, RECIPES, Recipe
+from steering.diffadapt import CLASSES, Recipe
 
 PROBE_NAME = "diffadapt-eval"
 
@@ -61,6 +61,7 @@ async def answer(url: str, problems: list[Problem], method: str, probe: str, sam
                         is_correct(c["message"]["content"], problem.answer) for c in choices),
                     "tokens": reply["usage"]["completion_tokens"] / len(choices),
                     "continued": statistics.fmean(bool(r.get("continued")) for r in reports),
+                    "continues": reports[0].get("continuation") is not None,
                     "class": reports[0].get("difficulty")}
 
         return list(await asyncio.gather(*(one(p) for p in problems)))
@@ -133,21 +134,18 @@ def run(args) -> None:
                    "continued": statistics.fmean(r["continued"] for r in results)}
             if method == "diffadapt":
                 row["classes"] = {c: sum(r["class"] == c for r in results) for c in CLASSES}
+                continuation = results[0]["continues"]  # as the server settled it
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("correct", "tokens")}))
         model = check(httpx.get(f"{url}/v1/models"))["data"][0]["id"]
     finally:
         if server is not None:
             server.stop()
-    continuation = args.continuation
-    if continuation is None:
-        continuation = RECIPES[recipe].continuation is not None
     report = {"model": model, "recipe": recipe.value, "train_questions": len(training),
               "held_out_questions": len(held_out), "eval_samples": args.eval_samples,
               "max_tokens": args.max_tokens, "continuation": continuation,
               "command": "python -m clients.diffadapt_eval " + " ".join(sys.argv[1:]),
               **made, "strategies": rows}
-    (out / recipe.value).mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / recipe.value / "results.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out / recipe.value / "results.md", markdown(report))
     plot([json.loads((out / r.value / "results.json").read_text()) for r in Recipe
