@@ -70,8 +70,9 @@ def test_entropy_trace_window_marks_unmeasured_positions():
 
 
 def test_a_continuations_trace_lands_after_the_forced_tokens():
-    """Positions [1, 3) of the continuation's trace become 2 + 1 and 2 + 2; the forced gap
-    stays unmeasured and a later copy extends the same positions."""
+    """The continuation's positions land `offset` (2) later, after the forced gap, which stays
+    unmeasured; a second copy goes on where the first stopped and takes only what was
+    measured."""
     from steering.vllm_adapter.telemetry import EntropyTrace
 
     trace, continuation = EntropyTrace(), EntropyTrace()
