@@ -10,9 +10,11 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import psutil
@@ -25,7 +27,8 @@ from tests.prometheus import metric
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 KEYS = {"Authorization": f"Bearer {API_KEY}"}
 MODEL = "SmolLM2-135M-Instruct"
-# Each request of the SIGTERM test: long enough to still run when the last is admitted.
+# The SIGTERM test's plain requests: long enough to still run when the signal comes, short
+# enough to finish within the server's 30 s grace.
 LONG = 160
 NEVER = "\u2603\u2603\u2603"  # a particle step delimiter the model does not write
 
@@ -120,11 +123,61 @@ def no_scorer():
         yield f"http://127.0.0.1:{held.getsockname()[1]}/score"
 
 
+class GatedScorer(BaseHTTPRequestHandler):
+    """A reward scorer that answers only once the test opens its gate: a particle request
+    scoring its first step stays in flight until then, however fast or slow the machine."""
+
+    asked = threading.Event()
+    gate = threading.Event()
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        type(self).asked.set()
+        type(self).gate.wait(120)
+        data = json.dumps({"scores": [0.5] * len(body["trajectories"])}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture(scope="module")
-def first_life(folder, no_scorer):
+def gated_scorer():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), GatedScorer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/score"
+    GatedScorer.gate.set()
+    httpd.shutdown()
+
+
+def stream_times(server, **body) -> dict:
+    """A streamed request's outcome with the arrival time of each event."""
+    payload = {"model": MODEL, "prompt": "Tell me a long story about a ship.", "ignore_eos": True,
+               "stream": True, **body}
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", json=payload, headers=KEYS,
+                      timeout=120) as response:
+        events = [(time.monotonic(), line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ")]
+    return {"status": response.status_code, "events": [e for _, e in events],
+            "times": [t for t, _ in events]}
+
+
+def timed_completion(server, **body) -> dict:
+    outcome = completion(server, **body)
+    return {**outcome, "answered": time.monotonic()}
+
+
+@pytest.fixture(scope="module")
+def first_life(folder, gated_scorer):
     """Uploads, deletes a bundled vector, then SIGTERM (to the server process only, as
-    container runtimes do) with three requests in flight: admitted, none able to finish yet."""
-    server = start(folder, "first", no_scorer)
+    container runtimes do) with three requests in flight: a particle filter waiting on its
+    reward scorer (the test opens the scorer's gate only after the signal), a plain and a
+    streamed completion, each long enough to still be running."""
+    server = start(folder, "first", gated_scorer, "--reward-timeout", "120")
     try:
         probe = httpx.get(f"{server.base_url}/v1/steering/probes/default", headers=KEYS,
                           params={"include_weights": True}).json()
@@ -138,28 +191,32 @@ def first_life(folder, no_scorer):
         assert httpx.delete(f"{server.base_url}/v1/steering/vectors/explore",
                             headers=ADMIN).status_code == 200
         with ThreadPoolExecutor(3) as pool:
-            # The particle filter first, its one step as long as the plain requests (its
-            # delimiter never comes), so none can finish before all three are admitted.
-            flights = [pool.submit(completion, server, max_tokens=LONG, steering={
-                "particles": {"n": 2, "max_steps": 2, "step_delimiter": NEVER}})]
-            assert wait_until(lambda: held(server) == 2, 60), outcomes_so_far(server, flights)
-            flights += [pool.submit(completion, server, max_tokens=LONG),
-                        pool.submit(completion, server, stream=True, max_tokens=LONG)]
+            flights = [pool.submit(timed_completion, server, max_tokens=8, steering={
+                "particles": {"n": 2, "max_steps": 1, "reward": "http",
+                              "step_delimiter": NEVER}})]
+            assert GatedScorer.asked.wait(60), outcomes_so_far(server, flights)
+            flights += [pool.submit(timed_completion, server, max_tokens=LONG),
+                        pool.submit(stream_times, server, max_tokens=LONG)]
             assert wait_until(lambda: held(server) == 4, 60), outcomes_so_far(server, flights)
             members = [command(p) for p in session_members(server)]
             server.process.send_signal(signal.SIGTERM)
-            stopped = time.monotonic()
+            signalled = time.monotonic()
+            GatedScorer.gate.set()
             exit_code = server.process.wait(90)
-            stopped = time.monotonic() - stopped
+            stopped = time.monotonic() - signalled
             outcomes = [flight.result() for flight in flights]
     finally:
+        GatedScorer.gate.set()
         reap(server)
     return {"server": server, "uploads": uploads, "outcomes": outcomes, "exit_code": exit_code,
-            "members": members, "stopped_s": stopped}
+            "members": members, "signalled": signalled, "stopped_s": stopped}
 
 
 def test_sigterm_lets_in_flight_requests_finish(first_life):
     particles, plain, streamed = first_life["outcomes"]
+    signalled = first_life["signalled"]
+    # each was answered after the signal: it was in flight when the signal came
+    assert min(particles["answered"], plain["answered"], streamed["times"][-1]) > signalled
     assert plain["status"] == 200, plain
     assert plain["body"]["usage"]["completion_tokens"] == LONG
     assert streamed["status"] == 200 and streamed["events"][-1] == "[DONE]"
