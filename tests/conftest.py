@@ -6,6 +6,8 @@ import json
 import threading
 import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -50,10 +52,47 @@ def server(tmp_path_factory, reward_scorer, prm_path) -> LocalServer:
     proc.stop()
 
 
-class _Scorer(BaseHTTPRequestHandler):
-    """The HTTP reward contract: scores a trajectory by its share of digits; `mode` switches
-    to flat (0.5 for all), spread (a hash of the text: far apart), mild (0.4 to 0.6), slow
-    (sleeps past the server's timeout) or broken (500) answers."""
+class ScorerHandler(BaseHTTPRequestHandler):
+    """The HTTP reward contract's server side: POST {"prompt", "trajectories"} →
+    {"scores": [...]}, one score per trajectory from `scores`, which subclasses define."""
+
+    def scores(self, trajectories: list[str]) -> list[float] | None:
+        """The scores to answer, or None for a 500."""
+        raise NotImplementedError
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        scores = self.scores(body["trajectories"])
+        if scores is None:
+            self.send_response(500)
+            self.end_headers()
+            return
+        data = json.dumps({"scores": scores}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def scorer_url(handler: type[ScorerHandler]) -> Iterator[str]:
+    """A reward service on loopback answering with `handler`, for as long as the block runs."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/score"
+    finally:
+        httpd.shutdown()
+
+
+class _Scorer(ScorerHandler):
+    """Scores a trajectory by its share of digits; `mode` switches to flat (0.5 for all),
+    spread (a hash of the text: far apart), mild (0.4 to 0.6), slow (sleeps past the server's
+    timeout) or broken (500) answers."""
 
     mode = "ok"
     calls = 0
@@ -67,35 +106,20 @@ class _Scorer(BaseHTTPRequestHandler):
             return share if cls.mode == "spread" else 0.4 + 0.2 * share
         return sum(c.isdigit() for c in text) / max(1, len(text))
 
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+    def scores(self, trajectories: list[str]) -> list[float] | None:
         type(self).calls += 1
         if self.mode == "slow":
             time.sleep(REWARD_TIMEOUT_S * 3)
         if self.mode == "broken":
-            self.send_response(500)
-            self.end_headers()
-            return
-        scores = [self.score(t) for t in body["trajectories"]]
-        data = json.dumps({"scores": scores}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+            return None
+        return [self.score(t) for t in trajectories]
 
 
 @pytest.fixture(scope="session")
 def reward_scorer():
     """A reward service on loopback (class `_Scorer`; set `.mode` to change its behaviour)."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), _Scorer)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield _Scorer, f"http://127.0.0.1:{httpd.server_address[1]}/score"
-    httpd.shutdown()
+    with scorer_url(_Scorer) as url:
+        yield _Scorer, url
 
 
 def _answer_matches_its_response_model(response: httpx.Response) -> None:

@@ -14,14 +14,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import psutil
 import pytest
 
 from clients.local_server import steer_server
-from tests.conftest import ADMIN_KEY, API_KEY
+from tests.conftest import ADMIN_KEY, API_KEY, ScorerHandler, scorer_url
 from tests.prometheus import metric
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -123,35 +122,24 @@ def no_scorer():
         yield f"http://127.0.0.1:{held.getsockname()[1]}/score"
 
 
-class GatedScorer(BaseHTTPRequestHandler):
+class GatedScorer(ScorerHandler):
     """A reward scorer that answers only once the test opens its gate: a particle request
     scoring its first step stays in flight until then, however fast or slow the machine."""
 
     asked = threading.Event()
     gate = threading.Event()
 
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+    def scores(self, trajectories: list[str]) -> list[float]:
         type(self).asked.set()
         type(self).gate.wait(120)
-        data = json.dumps({"scores": [0.5] * len(body["trajectories"])}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        return [0.5] * len(trajectories)
 
 
 @pytest.fixture(scope="module")
 def gated_scorer():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), GatedScorer)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/score"
-    GatedScorer.gate.set()
-    httpd.shutdown()
+    with scorer_url(GatedScorer) as url:
+        yield url
+        GatedScorer.gate.set()
 
 
 def stream_times(server, **body) -> dict:
@@ -197,7 +185,14 @@ def first_life(folder, gated_scorer):
             assert GatedScorer.asked.wait(60), outcomes_so_far(server, flights)
             flights += [pool.submit(timed_completion, server, max_tokens=LONG),
                         pool.submit(stream_times, server, max_tokens=LONG)]
-            assert wait_until(lambda: held(server) == 4, 60), outcomes_so_far(server, flights)
+            sent, polls = time.monotonic(), []
+
+            def all_held() -> bool:
+                polls.append((round(time.monotonic() - sent, 2), held(server)))
+                return polls[-1][1] == 4
+
+            assert wait_until(all_held, 60), \
+                f"polls (s, held): {polls}\n{outcomes_so_far(server, flights)}"
             members = [command(p) for p in session_members(server)]
             server.process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
