@@ -26,9 +26,9 @@ from tests.prometheus import metric
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 KEYS = {"Authorization": f"Bearer {API_KEY}"}
 MODEL = "SmolLM2-135M-Instruct"
-# The SIGTERM test's plain requests: long enough to still run when the signal comes, short
-# enough to finish within the server's 30 s grace.
-LONG = 160
+# The SIGTERM test's plain requests: they run after the signal, one after the other, well
+# within the server's 30 s grace.
+LONG = 64
 NEVER = "\u2603\u2603\u2603"  # a particle step delimiter the model does not write
 
 
@@ -80,6 +80,10 @@ def gauge(server, name: str) -> float:
 
 def running(server) -> float:
     return gauge(server, "vllm:num_requests_running")
+
+
+def waiting(server) -> float:
+    return gauge(server, "vllm:num_requests_waiting")
 
 
 def held(server) -> float:
@@ -162,10 +166,13 @@ def timed_completion(server, **body) -> dict:
 @pytest.fixture(scope="module")
 def first_life(folder, gated_scorer):
     """Uploads, deletes a bundled vector, then SIGTERM (to the server process only, as
-    container runtimes do) with three requests in flight: a particle filter waiting on its
-    reward scorer (the test opens the scorer's gate only after the signal), a plain and a
-    streamed completion, each long enough to still be running."""
-    server = start(folder, "first", gated_scorer, "--reward-timeout", "120")
+    container runtimes do) with three requests in flight, none able to finish until the test
+    lets it: a particle filter waiting on its reward scorer, whose gate the test opens only
+    after the signal, and a plain and a streamed completion waiting in the engine's queue
+    (this server runs one sequence at a time) behind a long stream that the test leaves only
+    after the signal."""
+    server = start(folder, "first", gated_scorer, "--reward-timeout", "120",
+                   "--max-num-seqs", "1", "--max-queued-requests", "8")
     try:
         probe = httpx.get(f"{server.base_url}/v1/steering/probes/default", headers=KEYS,
                           params={"include_weights": True}).json()
@@ -183,21 +190,22 @@ def first_life(folder, gated_scorer):
                 "particles": {"n": 2, "max_steps": 1, "reward": "http",
                               "step_delimiter": NEVER}})]
             assert GatedScorer.asked.wait(60), outcomes_so_far(server, flights)
-            flights += [pool.submit(timed_completion, server, max_tokens=LONG),
-                        pool.submit(stream_times, server, max_tokens=LONG)]
-            sent, polls = time.monotonic(), []
-
-            def all_held() -> bool:
-                polls.append((round(time.monotonic() - sent, 2), held(server)))
-                return polls[-1][1] == 4
-
-            assert wait_until(all_held, 60), \
-                f"polls (s, held): {polls}\n{outcomes_so_far(server, flights)}"
-            members = [command(p) for p in session_members(server)]
-            server.process.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
-            GatedScorer.gate.set()
-            exit_code = server.process.wait(90)
+            with httpx.stream("POST", f"{server.base_url}/v1/completions", headers=KEYS,
+                              timeout=120, json={"model": MODEL, "prompt": "Hi", "stream": True,
+                                                 "max_tokens": 4000, "ignore_eos": True}
+                              ) as blocker:
+                events = blocker.iter_lines()  # kept: a dropped iterator closes the stream
+                next(events)  # it runs, in the only place, for minutes
+                flights += [pool.submit(timed_completion, server, max_tokens=LONG),
+                            pool.submit(stream_times, server, max_tokens=LONG)]
+                assert wait_until(lambda: waiting(server) == 2, 60), \
+                    outcomes_so_far(server, flights)
+                assert held(server) == 5  # 2 particles, the blocker, the 2 queued
+                members = [command(p) for p in session_members(server)]
+                server.process.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                GatedScorer.gate.set()
+            exit_code = server.process.wait(90)  # the blocker left: the queue runs
             stopped = time.monotonic() - signalled
             outcomes = [flight.result() for flight in flights]
     finally:
@@ -333,10 +341,6 @@ def test_overload_is_a_429_at_once_and_admitted_requests_finish(second_life):
         again = [f.result()[0]["status"] for f in [pool.submit(timed) for _ in range(4)]]
     assert again == [200] * 4
     assert held(server) == 0  # given back before the answers were sent, not after
-
-
-def waiting(server) -> float:
-    return gauge(server, "vllm:num_requests_waiting")
 
 
 def test_priority_orders_the_waiting_queue(second_life):
