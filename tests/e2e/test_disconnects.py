@@ -83,7 +83,8 @@ def hold_together(server, http, bodies: list[dict]) -> list[dict]:
     def one(body: dict) -> dict:
         with httpx.stream("POST", f"{server.base_url}/v1/completions", headers=http.headers,
                           json={**body, "stream": True, **LONG}, timeout=60) as r:
-            line = next(line for line in r.iter_lines() if line.startswith("data: "))
+            lines = r.iter_lines()  # kept until the barrier: a dropped one closes the stream
+            line = next(line for line in lines if line.startswith("data: "))
             barrier.wait()
             return json.loads(line[6:])
 
