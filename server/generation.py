@@ -120,8 +120,9 @@ SteeringReport = create_model(
     "for their tokens (with `return_entropy`), its last chunk the whole report.",
     methods=(list[str] | None, Field(None, description="the steering methods it ran")),
     **{m.name: (m.section | None, None) for m in METHODS if m.section is not None},
-    entropy=(EntropySummary | None, None),
-    varentropy=(EntropySummary | None, None),
+    entropy=(EntropySummary | None, Field(None, description="null: not measured (a beam of "
+                                                             "`use_beam_search`)")),
+    varentropy=(EntropySummary | None, Field(None, description="null: not measured")),
     token_entropy=(_TOKEN_VALUES, Field(None, description="with `return_entropy`")),
     token_varentropy=(_TOKEN_VALUES, Field(None, description="with `return_entropy`")),
     chunk_entropy=(_TOKEN_VALUES, Field(None, description="streamed, with `return_entropy`")),

@@ -206,15 +206,16 @@ async def annotate_stream(events: AsyncIterator[str], session: SteeringSession, 
         for choice in chunk.get("choices", []):
             index = choice["index"]
             tidy_choice(choice)
-            record = session.record(index)
-            if record is None or _announces_role(choice):
+            if _announces_role(choice):
                 continue
-            start, sent[index] = sent.get(index, 0), record.produced
+            record = session.record(index)  # None: a beam of vLLM's beam search
             steering = {}
             if choice.get("finish_reason") is not None:
                 steering = report(session, index)
-                on_finish(index)
+                if record is not None:
+                    on_finish(index)
             if return_entropy:
+                start, sent[index] = sent.get(index, 0), record.produced
                 steering["chunk_entropy"], steering["chunk_varentropy"] = record.window(start)
             if steering:
                 choice["steering"] = steering

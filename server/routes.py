@@ -210,6 +210,10 @@ async def _steered(dialect: Dialect, state: ServerState, body: GenerationRequest
                    request: Request) -> Response:
     """vLLM's serving layer answers; the session steers every engine request it makes."""
     engine, metrics = state.engine, state.metrics
+    if body.use_beam_search and (plan.used or plan.return_entropy):
+        raise InvalidRequest("use_beam_search does not combine with steering: vLLM's beam "
+                             "search makes its own one-token engine requests, which no "
+                             "steering method or entropy trace reaches", "use_beam_search")
     steering = engine.check_steering(plan.engine_steering())
     session = engine.client.open_session(steering, bool(body.stream) and plan.return_entropy)
     body.bind(session.id)
@@ -221,6 +225,8 @@ async def _steered(dialect: Dialect, state: ServerState, body: GenerationRequest
 
     def report(session: SteeringSession, index: int) -> dict:
         record = session.record(index)
+        if record is None:  # a beam of vLLM's beam search: nothing steered, nothing measured
+            return {"methods": [], "entropy": None, "varentropy": None}
         entropy, varentropy = record.window(0)
         outcome = Outcome(record.steering, decisions[index // n] if decisions else None,
                           record.hidden_states, record.vreason,

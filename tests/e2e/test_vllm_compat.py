@@ -242,6 +242,50 @@ def test_vllm_sampling_extensions_are_honoured(http, hf_model):
         assert chat_text["message"]["content"].endswith(tokenizer.eos_token)
 
 
+def beam_search(model, prompt_ids: list[int], width: int, steps: int) -> list[float]:
+    """The reference: the total log-probabilities of the beams a beam search over HF's
+    log-probabilities keeps, best first (each step: every beam's 2 × width likeliest tokens
+    are the candidates, the width likeliest sequences stay; no end-of-sequence)."""
+    beams = [(0.0, [])]
+    for _ in range(steps):
+        candidates = []
+        for total, tokens in beams:
+            with torch.no_grad():
+                logp = model(torch.tensor([prompt_ids + tokens])).logits[0, -1].log_softmax(-1)
+            top = logp.topk(2 * width)
+            candidates += [(total + v, tokens + [i])
+                           for v, i in zip(top.values.tolist(), top.indices.tolist())]
+        beams = sorted(candidates, key=lambda c: -c[0])[:width]
+    return [total for total, _ in beams]
+
+
+def sequence_logprob(model, prompt_ids: list[int], tokens: list[int]) -> float:
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt_ids + tokens])).logits[0].log_softmax(-1)
+    return sum(logp[len(prompt_ids) + i - 1, t].item() for i, t in enumerate(tokens))
+
+
+def test_beam_search_is_vllms_own_and_reports_nothing_measured(http, hf_model):
+    """`use_beam_search` runs vLLM's beam search: its beams are as likely as the reference's,
+    best first; their reports say nothing was steered or measured (vLLM's one-token engine
+    requests per beam are not the server's choices), streamed too (vLLM streams beams in chat
+    only)."""
+    model, tokenizer = hf_model
+    prompt = "The sky is"
+    body = {"prompt": prompt, "max_tokens": 4, "n": 3, "use_beam_search": True,
+            "ignore_eos": True, "return_token_ids": True}
+    choices = complete(http, **body)["choices"]
+    prompt_ids = tokenizer(prompt).input_ids
+    got = [sequence_logprob(model, prompt_ids, c["token_ids"]) for c in choices]
+    assert got == pytest.approx(beam_search(model, prompt_ids, 3, 4), abs=2e-3)
+    assert all(c["steering"] == {"methods": [], "entropy": None, "varentropy": None}
+               for c in choices)
+    streamed = events(http, "/v1/chat/completions", {
+        "messages": CHAT, "max_tokens": 4, "n": 3, "use_beam_search": True})
+    last = {c["index"]: c for chunk in streamed for c in chunk["choices"]}
+    assert [last[i]["steering"] for i in range(3)] == [choices[0]["steering"]] * 3
+
+
 def test_prompt_logprobs_and_tokens_as_ids(http):
     reply = complete(http, max_tokens=2, prompt_logprobs=1, logprobs=1,
                      return_tokens_as_token_ids=True, return_token_ids=True)
@@ -371,6 +415,8 @@ def test_unknown_fields_are_ignored_and_named(http):
     ({"steering": {"particles": {"n": 2}}, "response_format": {"type": "json_object"}},
      "response_format"),
     ({"steering": {"particles": {"n": 2}}, "tools": TOOLS, "tool_choice": NAMED}, "tool_choice"),
+    ({"use_beam_search": True, "typical_p": 0.9}, "use_beam_search"),
+    ({"use_beam_search": True, "steering": {"return_entropy": True}}, "use_beam_search"),
 ])
 def test_what_cannot_be_honoured_is_a_400(http, body, param):
     response = http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT,
