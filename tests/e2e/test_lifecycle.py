@@ -100,16 +100,18 @@ def outcomes_so_far(server, flights) -> str:
 
 
 def completion(server, stream: bool = False, **body) -> dict:
-    """One request's outcome: status and body, or the stream's events."""
+    """One request's outcome: status and body, or the stream's events; and when the answer
+    (a stream's last event) arrived."""
     payload = {"model": MODEL, "prompt": "Tell me a long story about a ship.", "max_tokens": 48,
                "ignore_eos": True, "stream": stream, **body}
     with httpx.stream("POST", f"{server.base_url}/v1/completions", json=payload, headers=KEYS,
                       timeout=120) as response:
         if not stream:
             return {"status": response.status_code, "body": json.loads(response.read()),
-                    "retry_after": response.headers.get("retry-after")}
+                    "retry_after": response.headers.get("retry-after"),
+                    "answered": time.monotonic()}
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
-        return {"status": response.status_code, "events": events}
+        return {"status": response.status_code, "events": events, "answered": time.monotonic()}
 
 
 @pytest.fixture(scope="module")
@@ -146,23 +148,6 @@ def gated_scorer():
         GatedScorer.gate.set()
 
 
-def stream_times(server, **body) -> dict:
-    """A streamed request's outcome with the arrival time of each event."""
-    payload = {"model": MODEL, "prompt": "Tell me a long story about a ship.", "ignore_eos": True,
-               "stream": True, **body}
-    with httpx.stream("POST", f"{server.base_url}/v1/completions", json=payload, headers=KEYS,
-                      timeout=120) as response:
-        events = [(time.monotonic(), line[6:]) for line in response.iter_lines()
-                  if line.startswith("data: ")]
-    return {"status": response.status_code, "events": [e for _, e in events],
-            "times": [t for t, _ in events]}
-
-
-def timed_completion(server, **body) -> dict:
-    outcome = completion(server, **body)
-    return {**outcome, "answered": time.monotonic()}
-
-
 @pytest.fixture(scope="module")
 def first_life(folder, gated_scorer):
     """Uploads, deletes a bundled vector, then SIGTERM (to the server process only, as
@@ -186,7 +171,7 @@ def first_life(folder, gated_scorer):
         assert httpx.delete(f"{server.base_url}/v1/steering/vectors/explore",
                             headers=ADMIN).status_code == 200
         with ThreadPoolExecutor(3) as pool:
-            flights = [pool.submit(timed_completion, server, max_tokens=8, steering={
+            flights = [pool.submit(completion, server, max_tokens=8, steering={
                 "particles": {"n": 2, "max_steps": 1, "reward": "http",
                               "step_delimiter": NEVER}})]
             assert GatedScorer.asked.wait(60), outcomes_so_far(server, flights)
@@ -196,8 +181,8 @@ def first_life(folder, gated_scorer):
                               ) as blocker:
                 events = blocker.iter_lines()  # kept: a dropped iterator closes the stream
                 next(events)  # it runs, in the only place, for minutes
-                flights += [pool.submit(timed_completion, server, max_tokens=LONG),
-                            pool.submit(stream_times, server, max_tokens=LONG)]
+                flights += [pool.submit(completion, server, max_tokens=LONG),
+                            pool.submit(completion, server, stream=True, max_tokens=LONG)]
                 assert wait_until(lambda: waiting(server) == 2, 60), \
                     outcomes_so_far(server, flights)
                 assert held(server) == 5  # 2 particles, the blocker, the 2 queued
@@ -219,7 +204,7 @@ def test_sigterm_lets_in_flight_requests_finish(first_life):
     particles, plain, streamed = first_life["outcomes"]
     signalled = first_life["signalled"]
     # each was answered after the signal: it was in flight when the signal came
-    assert min(particles["answered"], plain["answered"], streamed["times"][-1]) > signalled
+    assert min(o["answered"] for o in first_life["outcomes"]) > signalled
     assert plain["status"] == 200, plain
     assert plain["body"]["usage"]["completion_tokens"] == LONG
     assert streamed["status"] == 200 and streamed["events"][-1] == "[DONE]"
