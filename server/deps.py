@@ -10,11 +10,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.diffadapt import DifficultyRouter
-from server.engine import Engine
-from server.errors import EngineBusy, Forbidden, Unauthorized
 from server.metrics import SteerMetrics
-from server.particles import ParticleConfig
+from steering.engine.engine import Engine
+from steering.errors import EngineBusy, Forbidden, Unauthorized
 
 
 class Admission:
@@ -42,14 +40,14 @@ class Admission:
 
 
 class ServerState:
-    """What the routes need, stored on `app.state.steer`."""
+    """What the routes need, stored on `app.state.steer`; `method_states`: what each method
+    keeps while the server runs (`Method.start`), by method name."""
 
-    def __init__(self, engine: Engine, metrics: SteerMetrics, router: DifficultyRouter,
-                 particles: ParticleConfig, serving, model_name: str, api_key: str | None,
-                 admin_key: str | None = None, strict_fields: bool = False,
-                 admission: Admission | None = None) -> None:
+    def __init__(self, engine: Engine, metrics: SteerMetrics, method_states: dict, serving,
+                 model_name: str, api_key: str | None, admin_key: str | None = None,
+                 strict_fields: bool = False, admission: Admission | None = None) -> None:
         self.engine, self.metrics, self.model_name = engine, metrics, model_name
-        self.router, self.particles, self.serving = router, particles, serving
+        self.method_states, self.serving = method_states, serving
         self.api_key, self.admin_key = api_key, admin_key
         self.strict_fields = strict_fields
         self.admission = admission or Admission(limit=2**31)

@@ -1,4 +1,5 @@
-"""Errors in the OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
+"""The error family (`steering.errors`) rendered in the OpenAI error body:
+{"error": {"message", "type", "param", "code"}}, and the app's handlers for it."""
 
 from __future__ import annotations
 
@@ -10,66 +11,15 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from steering.errors import (
+    ERRORS_BY_STATUS,
+    APIError,
+    EngineUnavailable,
+    InvalidRequest,
+    error_for_status,
+)
+
 logger = logging.getLogger("entropy_steer.errors")
-
-
-class APIError(Exception):
-    """An error with its HTTP status and OpenAI error type."""
-
-    status = 500
-    type = "server_error"
-    headers: dict[str, str] | None = None
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.message, self.param, self.code = message, param, code
-
-
-class InvalidRequest(APIError):
-    status, type = 400, "invalid_request_error"
-
-
-class Unauthorized(APIError):
-    status, type = 401, "authentication_error"
-    headers = {"WWW-Authenticate": "Bearer"}
-
-
-class NotFound(APIError):
-    status, type = 404, "not_found_error"
-
-
-class Forbidden(APIError):
-    status, type = 403, "permission_error"
-
-
-class PayloadTooLarge(APIError):
-    status, type = 413, "invalid_request_error"
-
-
-class ClientClosed(APIError):
-    """The client went away before the response (nginx's 499); no one reads this body."""
-
-    status, type = 499, "client_closed_request"
-
-
-class EngineBusy(APIError):
-    status, type = 429, "rate_limit_error"
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None,
-                 retry_after: int | None = None):
-        super().__init__(message, param, code)
-        if retry_after is not None:
-            self.headers = {"Retry-After": str(retry_after)}
-
-
-class UpstreamError(APIError):
-    """A service the server depends on (e.g. a reward scorer) failed or answered badly."""
-
-    status, type = 502, "upstream_error"
-
-
-class EngineUnavailable(APIError):
-    status, type = 503, "service_unavailable"
 
 
 class ErrorDetail(BaseModel):
@@ -150,7 +100,19 @@ def _unparsable_body(exc: StarletteHTTPException) -> str | None:
     return None
 
 
+# What a body FastAPI could not parse is, as the error a client gets (Starlette raises these
+# statuses itself: a body it cannot read, an unknown route, a body over the limit).
+_STARLETTE_STATUSES = (400, 401, 403, 404, 413)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    """Every error as an OpenAI error body: ours, FastAPI's validation errors, Starlette's, and
+    vLLM's exceptions raised inside its serving layer (e.g. by `SamplingParams`' validation),
+    with the status `vllm serve` gives them."""
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from vllm.exceptions import VLLMError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
         return error_response(exc)
@@ -168,12 +130,21 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException):
-        kinds = {400: InvalidRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound,
-                 413: PayloadTooLarge}
-        cls = kinds.get(exc.status_code)
-        if cls is not None:
+        if exc.status_code in _STARLETTE_STATUSES:
+            cls = ERRORS_BY_STATUS[exc.status_code]
             return error_response(cls(_unparsable_body(exc) or str(exc.detail)))
         return JSONResponse(
             error_body(exc.status_code, "invalid_request_error", str(exc.detail)),
             status_code=exc.status_code,
         )
+
+    async def _vllm_error(_: Request, exc: Exception):
+        if isinstance(getattr(exc, "error", None), APIError):  # ours, through vLLM's layer
+            return error_response(exc.error)
+        if isinstance(exc, EngineDeadError):
+            return error_response(EngineUnavailable("the engine process died"))
+        error = create_error_response(exc).error
+        return error_response(error_for_status(error.code, error.message, error.param))
+
+    for kind in (VLLMError, ValueError, TypeError, OverflowError, NotImplementedError):
+        app.add_exception_handler(kind, _vllm_error)

@@ -1,4 +1,5 @@
-"""The project's `steer_*` Prometheus metrics (base units; `_total` counters; histograms).
+"""The project's `steer_*` Prometheus metrics (base units; `_total` counters; histograms): the
+server's own here, each method's from its descriptor (`Method.metrics`), in one registry.
 
 Entropy values are measured in the engine process and reach this (API) process through the
 telemetry channel; they are observed here, once per generated token, after each choice ends.
@@ -11,6 +12,8 @@ import asyncio
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from steering.methods.registry import METHODS
+
 ENTROPY_BUCKETS = (
     0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 11.0)
 VARENTROPY_BUCKETS = (0.01, 0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
@@ -20,9 +23,12 @@ LABELS = ("model", "method")
 
 
 class SteerMetrics:
-    """All steer_* metrics, registered once per registry."""
+    """The steer_* metrics of one served model, registered once per registry; `meters` holds
+    each method's own (by method name)."""
 
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(self, model: str, registry: CollectorRegistry = REGISTRY) -> None:
+        self.model = model
+        self.meters = {m.name: m.metrics(registry) for m in METHODS}
         self.engine_up = Gauge(
             "steer_engine_up", "1 while the inference engine runs (0: /health fails with 503)",
             ("model",), registry=registry,
@@ -61,33 +67,6 @@ class SteerMetrics:
             "steer_steered_tokens", "Generated tokens whose residual stream was steered (EAST)",
             LABELS, registry=registry,
         )
-        self.gate_fired_tokens = Counter(
-            "steer_gate_fired_tokens", "Generated tokens at which an entropy gate fired, by "
-            "the action it switches on (a gate with two actions counts for both)",
-            ("model", "action"), registry=registry,
-        )
-        self.difficulty = Counter(
-            "steer_difficulty_class", "Questions by the difficulty class a DiffAdapt probe gave "
-            "them", ("model", "difficulty"), registry=registry,
-        )
-        self.particle_ess = Histogram(
-            "steer_particle_ess_ratio", "Effective sample size / particles, per particle-"
-            "filter iteration (before resampling)", LABELS,
-            buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=registry,
-        )
-        self.particle_temperature = Histogram(
-            "steer_particle_temperature", "Resampling temperature per particle-filter iteration "
-            "(1 = no annealing)", LABELS, buckets=(1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0),
-            registry=registry,
-        )
-        self.particle_steps = Histogram(
-            "steer_particle_steps", "Particle-filter iterations per request", LABELS,
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry,
-        )
-        self.particle_resamples = Counter(
-            "steer_particle_resamples", "Particle-filter resampling events", LABELS,
-            registry=registry,
-        )
         self.ttft = Histogram(
             "steer_time_to_first_token_seconds",
             "Time from request arrival to the first generated token",
@@ -101,32 +80,39 @@ class SteerMetrics:
 
     def watch_engine(self, engine) -> None:
         """Report the engine's health at every scrape."""
-        self.engine_up.labels(engine.model_name).set_function(lambda: float(engine.healthy))
+        self.engine_up.labels(self.model).set_function(lambda: float(engine.healthy))
 
-    def watch_admission(self, model: str, admission) -> None:
-        self.held_sequences.labels(model).set_function(lambda: float(admission.held))
-        self.sequence_limit.labels(model).set(admission.limit)
+    def watch_admission(self, admission) -> None:
+        self.held_sequences.labels(self.model).set_function(lambda: float(admission.held))
+        self.sequence_limit.labels(self.model).set(admission.limit)
 
-    def count_error(self, model: str, method: str, exc: BaseException) -> None:
+    def count_request(self, plan) -> None:
+        self.requests.labels(self.model, plan.label).inc()
+
+    def count_error(self, plan, exc: BaseException) -> None:
         """A request that ended in `exc`: its HTTP status (499: the client went away)."""
         default = 499 if isinstance(exc, asyncio.CancelledError) else 500
-        self.request_errors.labels(model, method, str(getattr(exc, "status", default))).inc()
+        status = str(getattr(exc, "status", default))
+        self.request_errors.labels(self.model, plan.label, status).inc()
 
-    def observe_gates(self, model: str, gates, steps) -> None:
-        """A finished choice's gate firings (`GateSpec`s, its per-token `GateStep`s)."""
-        for g, spec in enumerate(gates):
-            fired = sum(1 for s in steps if s and s.fired >> g & 1)
-            if fired:
-                for action, _ in spec.gate.then:
-                    self.gate_fired_tokens.labels(model, action.name.lower()).inc(fired)
-
-    def observe_tokens(self, model: str, method: str, entropy, varentropy) -> None:
-        h = self.token_entropy.labels(model, method)
-        for value in entropy:
+    def observe_choice(self, plan, outcome) -> None:
+        """A finished choice: its tokens' entropy, and what each of its methods counts."""
+        labels = (self.model, plan.label)
+        h = self.token_entropy.labels(*labels)
+        for value in outcome.entropy:
             if value is not None:
                 h.observe(value)
-        v = self.token_varentropy.labels(model, method)
-        for value in varentropy:
+        v = self.token_varentropy.labels(*labels)
+        for value in outcome.varentropy:
             if value is not None:
                 v.observe(value)
-        self.generated_tokens.labels(model, method).inc(len(entropy))
+        self.generated_tokens.labels(*labels).inc(len(outcome.entropy))
+        plan.observe(self.meters, self, outcome)
+
+    def observe_latency(self, plan, arrival: float, first_token_at: float | None,
+                        now: float) -> None:
+        """A finished request's time to its first token (when it had one) and to its end."""
+        labels = (self.model, plan.label)
+        if first_token_at is not None:
+            self.ttft.labels(*labels).observe(max(0.0, first_token_at - arrival))
+        self.e2e.labels(*labels).observe(now - arrival)

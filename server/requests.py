@@ -1,6 +1,6 @@
 """The request bodies: vLLM's own OpenAI request models, so that every field `vllm serve`
-accepts is accepted here and means the same, plus this project's extensions (`typical_p`,
-`steering`).
+accepts is accepted here and means the same, plus this project's extensions: `steering` and
+the methods' request-level aliases (e.g. `typical_p`), both built from the method registry.
 
 Three rules on top of vLLM's: JSON types are strict, `null` for any top-level field means the
 field is unset (as the OpenAI API treats it), and `SamplingParams.extra_args` keys starting
@@ -10,14 +10,14 @@ with `steer_` belong to this server (a client's `vllm_xargs` may not set them).
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import (
     BaseModel,
-    Field,
     PrivateAttr,
     ValidationError,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -30,14 +30,9 @@ from vllm.entrypoints.openai.completion.protocol import (
 from vllm.entrypoints.serve.tokenize import protocol as tokenize_protocol
 
 from server.errors import validation_error
-from server.protocol import (
-    MAX_N,
-    MAX_PROMPTS,
-    MAX_STOP_SEQUENCES,
-    EastOptions,
-    SteeringOptions,
-)
-from steering.vllm_adapter.logits_processors import ExtraArgs
+from server.protocol import MAX_N, MAX_PROMPTS, MAX_STOP_SEQUENCES
+from steering.engine.client import refuse_reserved_keys
+from steering.methods.registry import METHODS, REQUEST_FIELDS, SteeringOptions
 
 MAX_LOGPROBS = 20  # vLLM's default `max_logprobs`
 MAX_TOP_K = 2**31 - 1  # vLLM's engine messages carry top_k as a fixed-width integer
@@ -75,20 +70,15 @@ def _without_crashes(handler, data):
         raise ValueError(f"malformed request: {type(exc).__name__}: {exc}") from None
 
 
-class SteeringFields(StrictJSON):
-    """The extensions, and the seam between a request and its steering session."""
+class _Extensions(StrictJSON):
+    """The extensions' checks, and the seam between a request and its steering session."""
 
-    typical_p: Annotated[float, Field(gt=0, le=1, strict=True, description=(
-        "locally typical sampling mass τ in (0, 1]; 1 turns it off"))] | None = None
-    steering: SteeringOptions | None = None
-
-    _session: str | None = PrivateAttr(default=None)
-    _prompts_seen: int = PrivateAttr(default=0)
+    _session = PrivateAttr(default=None)
 
     @model_validator(mode="after")
-    def _one_typical(self):
-        if self.typical_p is not None and self.steering and self.steering.typical is not None:
-            raise ValueError("set typical_p or steering.typical, not both")
+    def _methods_read(self):
+        for method in METHODS:  # each refuses what contradicts itself (e.g. two typical forms)
+            method.read(self)
         return self
 
     @field_validator("n", check_fields=False)
@@ -116,10 +106,7 @@ class SteeringFields(StrictJSON):
     @field_validator("vllm_xargs", check_fields=False)
     @classmethod
     def _no_reserved_keys(cls, xargs: dict | None) -> dict | None:
-        reserved = sorted(k for k in xargs or {} if k.startswith(ExtraArgs.PREFIX))
-        if reserved:
-            raise ValueError(f"keys starting with '{ExtraArgs.PREFIX}' are this server's own "
-                             f"({', '.join(reserved)}); use the steering object")
+        refuse_reserved_keys(xargs or {})
         return xargs
 
     @property
@@ -128,37 +115,19 @@ class SteeringFields(StrictJSON):
         return sorted(self.model_extra or {})
 
     @property
-    def typical_mass(self) -> float | None:
-        if self.typical_p is not None:
-            return self.typical_p
-        if self.steering and self.steering.typical:
-            return self.steering.typical.p
-        return None
-
-    @property
-    def east_options(self) -> list[EastOptions]:
-        east = self.steering.east if self.steering else None
-        if east is None:
-            return []
-        return east if isinstance(east, list) else [east]
-
-    @property
-    def return_entropy(self) -> bool:
-        return bool(self.steering and self.steering.return_entropy)
-
-    @property
     def stop_list(self) -> list[str]:
         if not self.stop:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def bind(self, session_id: str) -> None:
-        """Route this request's engine requests through a steering session."""
-        self._session, self._prompts_seen = session_id, 0
+    def bind(self, session) -> None:
+        """Route this request's engine requests through a steering session (anything with
+        `tag(params)`)."""
+        self._session = session
 
     def to_sampling_params(self, max_tokens: int, default_sampling_params: dict):
-        """vLLM's conversion, plus the session's id and the prompt's ordinal (vLLM's serving
-        layer calls this once per prompt, in prompt order).
+        """vLLM's conversion, tagged by the bound session (vLLM's serving layer calls this
+        once per prompt, in prompt order).
 
         `n` > 1 with greedy decoding is allowed (vLLM refuses it): the session runs each choice
         as its own engine request, so n identical greedy choices are what the client asked."""
@@ -169,10 +138,14 @@ class SteeringFields(StrictJSON):
             self.n = n
         params.n = n or 1
         if self._session is not None:
-            params.extra_args = {**(params.extra_args or {}), ExtraArgs.SESSION: self._session,
-                                 ExtraArgs.ORDINAL: self._prompts_seen}
-            self._prompts_seen += 1
+            self._session.tag(params)
         return params
+
+
+SteeringFields = create_model(
+    "SteeringFields", __base__=_Extensions,
+    steering=(SteeringOptions | None, None),
+    **REQUEST_FIELDS)
 
 
 class ChatCompletionRequest(SteeringFields, VllmChatCompletionRequest):

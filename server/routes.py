@@ -1,10 +1,11 @@
-"""OpenAI-compatible routes: models, completions, chat completions, tokenization, health,
-version, metrics.
+"""The generation routes: completions and chat completions, one path for both (`generate`),
+told apart by a `Dialect`.
 
-Both generation routes take one path (`generate`), told apart by a `Dialect`: vLLM's serving
-layer answers the request (`server.openai_serving`), steered through a session of the engine
-client, and the answer gains its steering reports. The particle filter, which orchestrates many
-engine requests itself, answers in the same dialects.
+A request's steering plan (`steering.methods.plan.Plan`) says which methods it uses. If one of
+them answers the request itself (a multi-pass orchestration), its events are rendered in the
+dialect here; otherwise vLLM's serving layer answers (`server.serving`), steered through a
+session of the engine client, after each method's pass before generation, and every choice
+gains its steering report. No method is named here: every step loops over the plan.
 """
 
 from __future__ import annotations
@@ -14,142 +15,34 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass
+from collections.abc import AsyncIterator
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from vllm.entrypoints.serve.tokenize.protocol import DetokenizeResponse, TokenizeResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.deps import Hold, HoldDep, ServerState, StateDep, require_api_key
-from server.diffadapt import Decision, reject_conflicts
-from server.engine import PromptOverride, SteeringSession
-from server.errors import (
-    ERROR_RESPONSES,
-    ClientClosed,
-    EngineBusy,
-    EngineUnavailable,
-    InvalidRequest,
-    NotFound,
-    in_band_error,
-)
-from server.generation import (
-    ChatCompletionResponse,
-    CompletionResponse,
-    Plan,
-    sampling_options,
-    steering_report,
-)
-from server.methods import Outcome
-from server.openai_serving import (
-    OpenAIServing,
+from server.dialects import CHAT, COMPLETION, Dialect
+from server.errors import ERROR_RESPONSES, in_band_error
+from server.requests import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from server.responses import ChatCompletionResponse, CompletionResponse
+from server.serving import (
+    ChoiceReports,
     annotate_response,
     annotate_stream,
     raise_error,
     tidy_choice,
 )
-from server.particles import ParticleResult, ParticleRun
-from server.particles import reject_conflicts as reject_particle_conflicts
-from server.requests import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    GenerationRequest,
-    TokenizeRequest,
-)
-from steering.diffadapt import Framing
+from steering.errors import ClientClosed, EngineBusy, InvalidRequest, NotFound
+from steering.methods.base import Answer, Job, Method, Outcome, Sampling
+from steering.methods.plan import Plan
 
 logger = logging.getLogger("entropy_steer.routes")
 
 IGNORED_FIELDS_HEADER = "X-Steer-Ignored-Fields"
 
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
-tokens = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
-ops = APIRouter(responses=ERROR_RESPONSES)
-
-
-@dataclass(frozen=True)
-class Dialect:
-    """What tells the two generation routes apart."""
-
-    object: str  # the answer's `object`; a stream chunk's is `chunk_object`
-    chunk_object: str
-    id_prefix: str
-    create: Callable[[OpenAIServing, GenerationRequest, Request], Awaitable]
-    prompt_ids: Callable[[OpenAIServing, GenerationRequest], Awaitable[list[list[int]]]]
-    text_field: str  # where a choice's text goes: "message" (chat) or "text"
-
-    def choice_text(self, text: str, stream: bool) -> dict:
-        if self.text_field == "text":
-            return {"text": text}
-        message = {"role": "assistant", "content": text}
-        return {"delta": message} if stream else {"message": {**message, "refusal": None}}
-
-
-async def _chat_prompt_ids(serving: OpenAIServing, body) -> list[list[int]]:
-    return [await serving.chat_prompt_ids(body)]
-
-
-CHAT = Dialect("chat.completion", "chat.completion.chunk", "chatcmpl",
-               lambda serving, body, raw: serving.chat.create_chat_completion(body, raw),
-               _chat_prompt_ids, "message")
-COMPLETION = Dialect("text_completion", "text_completion", "cmpl",
-                     lambda serving, body, raw: serving.completion.create_completion(body, raw),
-                     lambda serving, body: serving.completion_prompt_ids(body), "text")
-
-
-@ops.get("/health")
-async def health(state: StateDep):
-    if not state.engine.healthy:
-        raise EngineUnavailable("the engine is not running")
-    return {"status": "ok"}
-
-
-@ops.get("/ping")
-@ops.post("/ping")  # one route per method: each gets its own OpenAPI operation id
-async def ping(state: StateDep):
-    """`vllm serve`'s liveness route: the same answer as /health."""
-    return await health(state)
-
-
-@ops.get("/version")
-async def version():
-    from importlib.metadata import version as installed
-
-    import vllm
-
-    return {"version": vllm.__version__, "entropy_steer": installed("entropy-steer")}
-
-
-@ops.get("/metrics", response_class=PlainTextResponse)
-async def metrics(state: StateDep):
-    return Response(generate_latest(state.engine.prometheus_registry()),
-                    media_type=CONTENT_TYPE_LATEST)
-
-
-@v1.get("/models")
-async def list_models(state: StateDep):
-    return {"object": "list", "data": [{
-        "id": state.model_name, "object": "model", "created": state.created,
-        "owned_by": "entropy-steer", "max_model_len": state.engine.max_model_len,
-        "num_layers": state.engine.num_layers, "hidden_size": state.engine.vectors.hidden_size,
-    }]}
-
-
-@tokens.post("/tokenize", response_model=TokenizeResponse)
-async def tokenize(body: TokenizeRequest, request: Request, state: StateDep):
-    result = await state.serving.tokenization.create_tokenize(body, request)
-    raise_error(result)
-    return result
-
-
-@tokens.post("/detokenize", response_model=DetokenizeResponse)
-async def detokenize(body: DetokenizeRequest, request: Request, state: StateDep):
-    result = await state.serving.tokenization.create_detokenize(body, request)
-    raise_error(result)
-    return result
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)],
+                   responses=ERROR_RESPONSES)
 
 
 def _streamable(model) -> dict:
@@ -158,13 +51,13 @@ def _streamable(model) -> dict:
                   "content": {"text/event-stream": {}}}}
 
 
-@v1.post("/completions", responses=_streamable(CompletionResponse))
+@router.post("/completions", responses=_streamable(CompletionResponse))
 async def completions(body: CompletionRequest, request: Request, state: StateDep,
                       hold: HoldDep):
     return await generate(COMPLETION, body, request, state, hold)
 
 
-@v1.post("/chat/completions", responses=_streamable(ChatCompletionResponse))
+@router.post("/chat/completions", responses=_streamable(ChatCompletionResponse))
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep,
                            hold: HoldDep):
     return await generate(CHAT, body, request, state, hold)
@@ -187,16 +80,17 @@ async def generate(dialect: Dialect, body: GenerationRequest, request: Request,
         if isinstance(prompt, list):
             state.engine.check_token_ids(prompt)
     plan = Plan.of(body)
-    particles = plan.get("particles")
     try:
-        hold.take(particles.n if particles else len(prompts) * (body.n or 1))
+        hold.take(plan.sequences(len(prompts) * (body.n or 1)))
     except EngineBusy as exc:
-        state.metrics.count_error(state.model_name, plan.label, exc)
+        state.metrics.count_error(plan, exc)
         raise
-    if particles:
-        response = await _particles(dialect, state, body, plan, request)
+    plan.check(body)
+    orchestrator = plan.orchestrator
+    if orchestrator is not None:
+        response = await _orchestrated(dialect, state, body, plan, orchestrator, request)
     else:
-        response = await _steered(dialect, state, body, plan, request)
+        response = await _served(dialect, state, body, plan, request)
     if isinstance(response, StreamingResponse):
         response.body_iterator = _giving_back(response.body_iterator, hold)
     else:
@@ -206,223 +100,154 @@ async def generate(dialect: Dialect, body: GenerationRequest, request: Request,
     return response
 
 
-async def _steered(dialect: Dialect, state: ServerState, body: GenerationRequest, plan: Plan,
-                   request: Request) -> Response:
+async def _served(dialect: Dialect, state: ServerState, body: GenerationRequest, plan: Plan,
+                  request: Request) -> Response:
     """vLLM's serving layer answers; the session steers every engine request it makes."""
-    engine, metrics = state.engine, state.metrics
+    metrics = state.metrics
     if body.use_beam_search and (plan.used or plan.return_entropy):
         raise InvalidRequest("use_beam_search does not combine with steering: vLLM's beam "
                              "search makes its own one-token engine requests, which no "
                              "steering method or entropy trace reaches", "use_beam_search")
-    steering = engine.check_steering(plan.engine_steering())
-    session = engine.client.open_session(steering, bool(body.stream) and plan.return_entropy)
-    body.bind(session.id)
-    decisions: list[Decision] = []
-    if plan.get("diffadapt"):
-        body, decisions = await _diffadapt(dialect, state, body, plan, session)
-    labels = (state.model_name, plan.label)
-    n = body.n or 1
-
-    def report(session: SteeringSession, index: int) -> dict:
-        record = session.record(index)
-        if record is None:  # a beam of vLLM's beam search: nothing steered, nothing measured
-            return {"methods": [], "entropy": None, "varentropy": None}
-        entropy, varentropy = record.window(0)
-        outcome = Outcome(record.steering, decisions[index // n] if decisions else None,
-                          record.hidden_states, record.vreason,
-                          record.trace.gates[:record.produced], record.continued)
-        return steering_report(plan, outcome, entropy, varentropy)
-
-    def finished(index: int) -> None:
-        record = session.record(index)
-        entropy, varentropy = record.window(0)
-        metrics.observe_tokens(*labels, entropy, varentropy)
-        steps = record.trace.gates[:record.produced]
-        if plan.get("east"):
-            metrics.steered_tokens.labels(*labels).inc(record.steered)
-        elif record.steering.gate_east:  # the tokens a gate's vector steered (see Gates.report)
-            metrics.steered_tokens.labels(*labels).inc(
-                sum(1 for s in steps[:-1] if s and s.east >= 0))
-        if plan.get("gates"):
-            metrics.observe_gates(state.model_name, record.steering.gates, steps)
-
-    def request_done() -> None:
-        firsts = [r.first_token_at for r in session.choices.values() if r.first_token_at]
-        if firsts:
-            metrics.ttft.labels(*labels).observe(max(0.0, min(firsts) - session.arrival))
-        metrics.e2e.labels(*labels).observe(time.time() - session.arrival)
-
-    metrics.requests.labels(*labels).inc()
+    steering = plan.settings(state.engine, state.method_states)
+    session = state.engine.client.open_session(steering, bool(body.stream) and plan.return_entropy)
+    for method in plan.methods_used:  # each method's pass before generation, if it has one
+        conversation = dialect.conversation(body, state.serving, state.engine)
+        body = await method.prepare(plan.used[method.name], conversation, session,
+                                    state.method_states.get(method.name))
+    body.bind(session)
+    reports = ChoiceReports(plan, session, body.n or 1, metrics)
+    metrics.count_request(plan)
     try:
         result = await _cancel_on_disconnect(request, dialect.create(state.serving, body,
                                                                      request))
         raise_error(result)
     except BaseException as exc:
-        metrics.count_error(*labels, exc)
+        metrics.count_error(plan, exc)
         raise
     if hasattr(result, "model_dump"):
-        data = annotate_response(result.model_dump(), session, report)
+        data = annotate_response(result.model_dump(), reports)
         for index in sorted(session.choices):
-            finished(index)
-        request_done()
+            reports.finished(index)
+        reports.request_finished(time.time())
         return JSONResponse(data)
 
     async def events() -> AsyncIterator[str]:
         try:
-            async for event in annotate_stream(result, session, report, plan.return_entropy,
-                                               finished):
+            async for event in annotate_stream(result, reports, plan.return_entropy):
                 yield event
-            request_done()
+            reports.request_finished(time.time())
         except BaseException as exc:
-            metrics.count_error(*labels, exc)
+            metrics.count_error(plan, exc)
             raise
     return _event_stream(events())
 
 
-async def _diffadapt(dialect: Dialect, state: ServerState, body: GenerationRequest,
-                     plan: Plan, session: SteeringSession):
-    """Probe each question, then the request as the strategies frame it, with each prompt's
-    temperature, top-p and budget set in the session."""
-    options = plan.get("diffadapt")
-    recipe = state.router.recipe(options)  # a 404 before any work
-    reject_conflicts(body, recipe)
-    limit = body.token_limit if "max_tokens" in body.model_fields_set \
-        or "max_completion_tokens" in body.model_fields_set else None
-    if dialect is CHAT:
-        messages = list(body.messages)
-        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"),
-                        default=None)
-        if last_user is None or not isinstance(messages[last_user].get("content"), str):
-            raise InvalidRequest("steering.diffadapt needs a user message with text content "
-                                 "(the question)", "messages")
-        prefills = [s.prefill for s in recipe.strategies.values()] + [
-            c.prefill for c in (options.strategies or {}).values()]
-        if (recipe.chat_only or any(prefills)) and (
-                last_user != len(messages) - 1
-                or "continue_final_message" in body.model_fields_set):
-            raise InvalidRequest("a DiffAdapt prefill continues the conversation with the "
-                                 "assistant's turn: the last message must be the user's "
-                                 "question, without continue_final_message", "messages")
-        has_system = any(m.get("role") in ("system", "developer") for m in messages)
-
-        def asking(question: str, framing: Framing):
-            changed = [*messages]
-            changed[last_user] = {**messages[last_user], "content": framing.wrap(question)}
-            if framing.system and not has_system:
-                changed.insert(0, {"role": "system", "content": framing.system})
-            update = {"messages": changed}
-            if framing.prefill:  # the model continues the assistant's turn from it
-                changed.append({"role": "assistant", "content": framing.prefill})
-                update |= {"continue_final_message": True, "add_generation_prompt": False}
-            return body.model_copy(update=update)
-
-        async def render(question: str, framing: Framing) -> list[int]:
-            return (await CHAT.prompt_ids(state.serving, asking(question, framing)))[0]
-
-        questions = [messages[last_user]["content"]]
-    else:
-        if recipe.chat_only:
-            raise InvalidRequest("a paper-recipe probe reads the question through the chat "
-                                 "template: send it to /v1/chat/completions",
-                                 "steering.diffadapt.probe")
-        questions = body.prompts()
-        if not all(isinstance(q, str) for q in questions):
-            raise InvalidRequest("steering.diffadapt wraps the question in a strategy prompt: "
-                                 "send the prompt as text", "prompt")
-
-        async def render(question: str, framing: Framing) -> list[int]:
-            return state.engine.encode(framing.wrap(question) + framing.prefill)
-
-    decisions = await state.router.route(options, questions, render, limit)
-    if dialect is CHAT:
-        body = asking(questions[0], decisions[0].strategy)
-    else:
-        body = body.model_copy(update={"prompt": [d.strategy.wrap(q) + d.strategy.prefill
-                                                  for d, q in zip(decisions, questions)]})
-    body.bind(session.id)
-    for ordinal, decision in enumerate(decisions):
-        s = decision.strategy
-        session.overrides[ordinal] = PromptOverride(temperature=s.temperature, top_p=s.top_p,
-                                                    max_tokens=decision.max_tokens,
-                                                    continuation=decision.continuation)
-    return body, decisions
-
-
-async def _particles(dialect: Dialect, state: ServerState, body: GenerationRequest,
-                     plan: Plan, request: Request) -> Response:
-    """A particle-filter request: the selected particle as the one choice; streamed as one
-    progress chunk per iteration, then the answer."""
-    reject_particle_conflicts(body, plan)
+async def _orchestrated(dialect: Dialect, state: ServerState, body: GenerationRequest,
+                        plan: Plan, orchestrator: Method, request: Request) -> Response:
+    """A request a method answers itself: its answer as the one choice; streamed as one
+    progress chunk per event, then the answer."""
     prompts = await dialect.prompt_ids(state.serving, body)
     if len(prompts) != 1:
-        raise InvalidRequest("steering.particles takes one prompt", "prompt")
+        raise InvalidRequest(f"{orchestrator.param} takes one prompt", "prompt")
     prompt = prompts[0]
+    metrics = state.metrics
     label = (state.model_name, plan.label)
-    options = plan.get("particles")
-    run = ParticleRun(state.engine, state.metrics, state.particles, options, prompt,
-                      sampling_options(body, plan, body.token_limit), label)
-    metrics, arrival = state.metrics, time.monotonic()
-    metrics.requests.labels(*label).inc()
+    job = Job(engine=state.engine, meters=metrics.meters.get(orchestrator.name),
+              state=state.method_states.get(orchestrator.name), prompt_ids=prompt,
+              sampling=_sampling(body), steering=plan.settings(state.engine,
+                                                               state.method_states),
+              label=label)
+    events = orchestrator.answer(plan.used[orchestrator.name], job)
+    arrival = time.monotonic()
+    metrics.count_request(plan)
     rid, created = f"{dialect.id_prefix}-{uuid.uuid4().hex}", int(time.time())
 
     def envelope(choices: list[dict], stream: bool) -> dict:
         return {"id": rid, "object": dialect.chunk_object if stream else dialect.object,
                 "created": created, "model": state.model_name, "choices": choices}
 
-    def finished(result: ParticleResult) -> dict:
+    def finished(answer: Answer) -> dict:
         """The choice's fields beside its text; records the request's metrics."""
-        chosen = result.chosen
-        entropy = [h for s in chosen.steps for h in s.entropy]
-        varentropy = [v for s in chosen.steps for v in s.varentropy]
-        metrics.observe_tokens(*label, entropy, varentropy)
+        outcome = Outcome(settings=job.steering, tokens=len(answer.token_ids),
+                          steered_tokens=len(answer.token_ids), entropy=answer.entropy,
+                          varentropy=answer.varentropy,
+                          collected={orchestrator.name: answer.section})
+        metrics.observe_choice(plan, outcome)
         metrics.e2e.labels(*label).observe(time.monotonic() - arrival)
-        report = steering_report(plan, Outcome(run.sampling), entropy, varentropy)
-        report["particles"] = result.report(options)
-        reason = "length" if len(chosen.token_ids) >= run.sampling.max_tokens else "stop"
-        return {"index": 0, "logprobs": None, "finish_reason": reason, "steering": report,
-                **({"token_ids": chosen.token_ids} if body.return_token_ids else {})}
+        return {"index": 0, "logprobs": None, "finish_reason": answer.finish_reason,
+                "steering": plan.report(outcome),
+                **({"token_ids": answer.token_ids} if body.return_token_ids else {})}
 
-    def usage(result: ParticleResult) -> dict:
-        return {"prompt_tokens": len(prompt), "completion_tokens": result.generated_tokens,
-                "total_tokens": len(prompt) + result.generated_tokens}
+    def usage(answer: Answer) -> dict:
+        return {"prompt_tokens": len(prompt), "completion_tokens": answer.generated_tokens,
+                "total_tokens": len(prompt) + answer.generated_tokens}
 
     async def counted(work):
         try:
             return await work
         except BaseException as exc:
-            metrics.count_error(*label, exc)
+            metrics.count_error(plan, exc)
             raise
 
     if body.stream:
         async def chunks() -> AsyncIterator[str]:
-            progress: asyncio.Queue = asyncio.Queue()
-            task = asyncio.create_task(counted(run.run(on_step=progress.put)))
-            task.add_done_callback(lambda _: progress.put_nowait(None))
             try:
-                while (step := await progress.get()) is not None:
+                async for event in events:
+                    if isinstance(event, Answer):
+                        answer = event
+                        break
                     yield _event({**envelope([], True),
-                                  "steering": {"particles": {"progress": asdict(step)}}})
-                result = await task
+                                  "steering": {orchestrator.name: {"progress": event.data}}})
             except asyncio.CancelledError:
+                metrics.count_error(plan, asyncio.CancelledError())
                 raise
             except Exception as exc:  # the status line is gone: report in-band
+                metrics.count_error(plan, exc)
                 yield _event(in_band_error(exc))
                 yield "data: [DONE]\n\n"
                 return
             finally:
-                task.cancel()
-            choice = {**dialect.choice_text(result.chosen.text, True), **finished(result)}
+                await events.aclose()
+            choice = {**dialect.choice_text(answer.text, True), **finished(answer)}
             yield _event(envelope([choice], True))
             if body.stream_options and body.stream_options.include_usage:
-                yield _event({**envelope([], True), "usage": usage(result)})
+                yield _event({**envelope([], True), "usage": usage(answer)})
             yield "data: [DONE]\n\n"
         return _event_stream(chunks())
 
-    result = await _cancel_on_disconnect(request, counted(run.run()))
-    choice = tidy_choice({**dialect.choice_text(result.chosen.text, False), **finished(result)})
+    answer = await _cancel_on_disconnect(request, counted(_last(events)))
+    choice = tidy_choice({**dialect.choice_text(answer.text, False), **finished(answer)})
     if body.return_token_ids:
         choice["prompt_token_ids"] = prompt
-    return JSONResponse({**envelope([choice], False), "usage": usage(result)})
+    return JSONResponse({**envelope([choice], False), "usage": usage(answer)})
+
+
+async def _last(events: AsyncIterator):
+    """An orchestration's answer (its last event)."""
+    answer = None
+    async for answer in events:
+        pass
+    return answer
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _sampling(request: GenerationRequest) -> Sampling:
+    """How a request a method orchestrates samples, with OpenAI's defaults for unset fields."""
+    return Sampling(
+        max_tokens=request.token_limit,
+        temperature=_or(request.temperature, 1.0),
+        top_p=_or(request.top_p, 1.0),
+        top_k=request.top_k if request.top_k not in (None, -1) else None,
+        min_p=_or(request.min_p, 0.0),
+        presence_penalty=_or(request.presence_penalty, 0.0),
+        frequency_penalty=_or(request.frequency_penalty, 0.0),
+        repetition_penalty=_or(request.repetition_penalty, 1.0),
+        seed=request.seed,
+        ignore_eos=request.ignore_eos,
+    )
 
 
 async def _giving_back(events: AsyncIterator[str], hold: Hold) -> AsyncIterator[str]:

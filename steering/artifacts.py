@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from steering.diffadapt import CLASSES, DifficultyProbe, Recipe
+from steering.methods.diffadapt.core import CLASSES, DifficultyProbe, Recipe
 
 logger = logging.getLogger("entropy_steer.artifacts")
 

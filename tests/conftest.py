@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from clients.local_server import LocalServer, free_port, steer_server
+from clients.bench.local_server import LocalServer, free_port, steer_server
 
 API_KEY = "test-key"
 ADMIN_KEY = "test-admin-key"
@@ -125,7 +125,7 @@ def reward_scorer():
 def _answer_matches_its_response_model(response: httpx.Response) -> None:
     """Every JSON answer of a generation route the tests get is what /openapi.json says it is
     (vLLM's answer and the typed `steering` report, which allows no undocumented key)."""
-    from server.generation import ChatCompletionResponse, CompletionResponse
+    from server.responses import ChatCompletionResponse, CompletionResponse
 
     model = {"/v1/chat/completions": ChatCompletionResponse,
              "/v1/completions": CompletionResponse}.get(response.request.url.path)

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from clients.local_server import LocalServer
+from clients.bench.local_server import LocalServer
 from tests.unit.test_deploy import tool
 
 ROOT = Path(__file__).resolve().parents[2]

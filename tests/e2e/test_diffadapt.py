@@ -8,7 +8,7 @@ import httpx
 import pytest
 import torch
 
-from steering.diffadapt import CLASSES, RECIPES, Recipe, difficulty_labels
+from steering.methods.diffadapt.core import CLASSES, RECIPES, Recipe, difficulty_labels
 from tests.conftest import ADMIN_KEY, API_KEY
 from tests.prometheus import metric
 
@@ -225,8 +225,9 @@ def test_probe_routes_validate_and_change_nothing_on_error(http, admin_http, pro
 
 
 def test_label_and_train_with_the_cli(server, tmp_path, capsys):
-    from clients.probes import main as probe_main
-    from clients.problems import generate, write_jsonl
+    from clients.cli.probes import main as probe_main
+    from clients.experiments.problems import generate
+    from clients.files import write_jsonl
 
     problems = tmp_path / "problems.jsonl"
     write_jsonl(generate(12, seed=5), problems)
@@ -446,8 +447,9 @@ def test_bad_paper_recipe_requests(http, probes, paper_probes):
 def test_label_and_train_the_paper_recipe_with_the_cli(http, server, tmp_path, capsys):
     """Features at the paper's position, the authors' top-10 entropy from the sampled answers'
     log-probs, their thresholds and rule; training keeps the best validation macro-F1."""
-    from clients.probes import main as probe_main
-    from clients.problems import generate, write_jsonl
+    from clients.cli.probes import main as probe_main
+    from clients.experiments.problems import generate
+    from clients.files import write_jsonl
 
     problems = tmp_path / "problems.jsonl"
     write_jsonl(generate(10, seed=6), problems)

@@ -208,7 +208,7 @@ def test_hidden_states_equal_hf(openai_client, hf_model, vectors, steer):
 def test_compute_contrastive_vector_with_the_cli(server, hf_model, tmp_path):
     """`steer vectors compute contrastive` stores the difference of the mean last-token
     activations, equal to HF's."""
-    from clients.vectors import main as vectors_main
+    from clients.cli.vectors import main as vectors_main
 
     model, tokenizer = hf_model
     pos, neg = ["I love this, it is wonderful", "What a great day"], ["I hate this", "Awful."]
@@ -234,8 +234,8 @@ def test_compute_contrastive_vector_with_the_cli(server, hf_model, tmp_path):
 
 
 def test_compute_east_vector_with_the_cli(server, tmp_path):
-    from clients.bandit import ACTION_PATTERN, make_prompts
-    from clients.vectors import main as vectors_main
+    from clients.cli.vectors import main as vectors_main
+    from clients.experiments.bandit import ACTION_PATTERN, make_prompts
 
     path = tmp_path / "bandit.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in make_prompts(6, seed=3)))
@@ -251,8 +251,8 @@ def test_compute_east_vector_with_the_cli(server, tmp_path):
 def test_compute_east_from_logged_runs_with_the_cli(server, tmp_path):
     """The paper's recipe: agents' runs logged against the server (each step's prompt is the
     previous one's plus the pull it made), then a vector centred per run and kept raw."""
-    from clients.bandit import ACTION_PATTERN, log_runs
-    from clients.vectors import main as vectors_main
+    from clients.cli.vectors import main as vectors_main
+    from clients.experiments.bandit import ACTION_PATTERN, log_runs
 
     headers = {"Authorization": f"Bearer {API_KEY}"}
     records = asyncio.run(log_runs(server.base_url, headers, runs=2, steps=3, arms=2, seed=5))

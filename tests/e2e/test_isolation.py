@@ -4,13 +4,7 @@ tokens, report and entropy lists equal its run alone. A method that read another
 options (τ, vector, capture layer, V-Reason settings) or wrote another row's telemetry would
 change some request's outcome here."""
 
-import asyncio
-
-import httpx
-import pytest
-
-from clients.loadtest import engine_running
-from tests.conftest import API_KEY
+from tests.e2e.batching import same, solo_and_together
 
 MODEL = "SmolLM2-135M-Instruct"
 TOKENS = 20
@@ -44,7 +38,6 @@ KINDS = {  # name → the request's sampling and steering; seeded or greedy, so 
     "dynatemp 0.5": {"temperature": 0.8, "seed": 16, "steering": {"dynatemp": {"range": 0.5},
                                                                    **ENTROPY}},
 }
-FLOAT_TOLERANCE = 2e-3  # batched float32 GEMMs against one-row ones, in nats and state units
 
 
 def body(kind: str, prompt: str) -> dict:
@@ -52,52 +45,9 @@ def body(kind: str, prompt: str) -> dict:
             **KINDS[kind]}
 
 
-async def run(client: httpx.AsyncClient, kind: str, prompt: str) -> dict:
-    """A choice's tokens, text and whole report."""
-    response = await client.post("/v1/completions", json=body(kind, prompt))
-    assert response.status_code == 200, response.text
-    choice = response.json()["choices"][0]
-    return {k: choice[k] for k in ("token_ids", "text", "steering")}
-
-
-def same(a, b, path: str = "") -> list[str]:
-    """Where two outcomes differ: integers and strings exactly, floats within tolerance."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        if a.keys() != b.keys():
-            return [f"{path}: keys {sorted(a)} != {sorted(b)}"]
-        return [d for k in a for d in same(a[k], b[k], f"{path}.{k}")]
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return [f"{path}: {len(a)} items != {len(b)}"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in same(x, y, f"{path}[{i}]")]
-    if isinstance(a, float) and isinstance(b, float):
-        return [] if a == pytest.approx(b, abs=FLOAT_TOLERANCE, rel=1e-3) else \
-            [f"{path}: {a} != {b}"]
-    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
-
-
 def test_every_method_keeps_to_its_rows_in_a_shared_batch(server):
     cases = [(kind, PROMPTS[i % len(PROMPTS)]) for i, kind in enumerate(KINDS)]
-
-    async def scenario():
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=300,
-                                     headers={"Authorization": f"Bearer {API_KEY}"}) as client:
-            solo = [await run(client, kind, prompt) for kind, prompt in cases]
-            peak, done = 0.0, asyncio.Event()
-
-            async def watch():
-                nonlocal peak
-                while not done.is_set():
-                    peak = max(peak, await engine_running(client))
-                    await asyncio.sleep(0.05)
-
-            watcher = asyncio.create_task(watch())
-            mixed = await asyncio.gather(*(run(client, kind, prompt) for kind, prompt in cases))
-            done.set()
-            await watcher
-            return solo, mixed, peak
-
-    solo, mixed, peak = asyncio.run(scenario())
+    solo, mixed, peak = solo_and_together(server, [body(kind, prompt) for kind, prompt in cases])
     assert peak >= len(cases), f"at most {peak} of {len(cases)} requests ran at once"
     differences = {kind: d for (kind, _), a, b in zip(cases, solo, mixed)
                    if (d := same(a, b))}

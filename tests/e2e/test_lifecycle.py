@@ -19,7 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from clients.local_server import steer_server
+from clients.bench.local_server import steer_server
 from tests.conftest import ADMIN_KEY, API_KEY, ScorerHandler, scorer_url
 from tests.prometheus import metric
 

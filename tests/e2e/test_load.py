@@ -5,7 +5,7 @@ full-size run."""
 
 import asyncio
 
-from clients.loadtest import MODES, markdown, passed, run
+from clients.bench.loadtest import MODES, markdown, passed, run
 from tests.conftest import API_KEY
 
 

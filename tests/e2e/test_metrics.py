@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from clients.local_server import free_port
+from clients.bench.local_server import free_port
 from tests.prometheus import metric, samples
 
 MODEL = "SmolLM2-135M-Instruct"

@@ -134,6 +134,7 @@ def test_typical_and_east_stream_what_the_server_answers(browser, server, http):
     set_value(browser, "max-tokens", 24)
     set_value(browser, "temperature", 0.8)
     set_value(browser, "seed", 7)
+    open_section(browser, "Locally typical sampling")
     by_id(browser, "typical-on").click()
     set_value(browser, "typical-p", 0.9)
     open_section(browser, "EAST")
@@ -169,7 +170,7 @@ def test_typical_and_east_stream_what_the_server_answers(browser, server, http):
     assert len(css(browser, "#chart circle.pt.plain")) == len(css(
         browser, "#pane-plain .answer.latest .tok")) > 0
     report = by_id(browser, "methods-view").text
-    assert "typical sampling, τ = 0.9" in report and "EAST: explore × 1.5" in report
+    assert "Locally typical sampling: p 0.9" in report and "EAST: explore × 1.5" in report
 
     # Hovering a token shows its numbers and the top alternatives.
     from selenium.webdriver import ActionChains
@@ -325,3 +326,38 @@ def test_errors_show_the_server_message(browser, server, http):
     by_id(browser, "api-key").send_keys(API_KEY)
     css(browser, "#key-form button")[0].click()
     wait(browser, lambda d: d.find_element("tag name", "body").get_attribute("data-ready"))
+
+
+def test_every_method_without_a_view_of_its_own_gets_a_panel_from_the_schema(browser, server,
+                                                                              http):
+    """A method joins the page with its registry line alone: each `steering` field that is an
+    options model (and has no view of its own) gets a panel titled by the model, with one input
+    per scalar field; switched on, it is sent, and the server answers it with its section."""
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, server)
+    schemas = http.get("/openapi.json").json()["components"]["schemas"]
+    own_views = {"east", "diffadapt", "gates", "return_entropy", "return_hidden_states"}
+    models = {}
+    for name, field in schemas["SteeringOptions"]["properties"].items():
+        ref = next((v["$ref"] for v in field.get("anyOf", [field]) if "$ref" in v), None)
+        if name not in own_views and ref is not None:
+            models[name] = schemas[ref.split("/")[-1]]
+    panels = {p.get_attribute("data-method"): p for p in css(browser, "#method-panels details")}
+    assert set(panels) == set(models) and len(models) >= 4
+    set_value(browser, "prompt", "Name a colour.")
+    set_value(browser, "max-tokens", 8)
+    set_value(browser, "seed", 2)
+    for name, model in models.items():
+        assert panels[name].find_element(By.TAG_NAME, "summary").text == model["title"]
+        scalars = [f for f, p in model["properties"].items()
+                   if "array" not in (p.get("type"), *(v.get("type") for v in p.get("anyOf", [])))]
+        assert scalars and all(by_id(browser, f"{name}-{f.replace('_', '-')}") for f in scalars)
+        open_section(browser, model["title"])
+        by_id(browser, f"{name}-on").click()
+        body = sent_body(browser)
+        assert set(body["steering"]) == {name, "return_entropy"}
+        send_and_wait(browser)
+        assert by_id(browser, "error").text == "", name
+        assert name in steering_report(http, body), name
+        by_id(browser, f"{name}-on").click()  # off again for the next one

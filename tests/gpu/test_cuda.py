@@ -10,8 +10,8 @@ from torch import nn
 from transformers.generation.logits_process import TypicalLogitsWarper
 
 from steering.entropy import entropy_varentropy
-from steering.typical import CutoffSearch, typical_mask
-from steering.vllm_adapter.layer_steering import SteerableLayer, SteeringTable
+from steering.methods.typical.core import CutoffSearch, typical_mask
+from steering.runtime.layers import SteerableLayer, SteeringTable
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

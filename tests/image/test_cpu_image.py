@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from clients.local_server import free_port
+from clients.bench.local_server import free_port
 from tests.prometheus import metric, samples
 
 IMAGE = os.environ.get("STEER_IMAGE", "entropy-steer-cpu:local")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from clients.local_server import steer_server
+from clients.bench.local_server import steer_server
 
 ADMIN_KEY = "scale-admin-key"
 

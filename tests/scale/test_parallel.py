@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from clients.local_server import steer_server
+from clients.bench.local_server import steer_server
 from tests.scale.conftest import ADMIN_KEY, client
 
 pytestmark = pytest.mark.scale

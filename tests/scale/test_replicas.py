@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from clients.local_server import steer_server
+from clients.bench.local_server import steer_server
 from tests.replicas import SHARED_WITHIN_S, served_within, steered_tokens
 from tests.scale.conftest import ADMIN_KEY, client
 

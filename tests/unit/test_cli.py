@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from server.cli import cpu_thread_binding
+from steering.engine.args import cpu_thread_binding
 
 
 @pytest.mark.parametrize("cores,workers,expected", [
@@ -20,5 +20,5 @@ def test_cores_split_evenly_among_workers(monkeypatch, cores, workers, expected)
 
 def test_more_workers_than_cores_is_refused(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    with pytest.raises(SystemExit, match="3 CPU workers need at least 3 cores"):
-        cpu_thread_binding(3)
+    with pytest.raises(ValueError, match="3 CPU workers need at least 3 cores"):
+        cpu_thread_binding(3)  # `steer serve` exits with this message (`server.cli.main`)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from steering.artifacts import ArtifactError, ProbeStore, read_artifact, write_artifact
-from steering.diffadapt import (
+from steering.framing import Framing
+from steering.methods.diffadapt.core import (
     CLASSES,
     EASY,
     HARD,
@@ -18,7 +19,6 @@ from steering.diffadapt import (
     RECIPES,
     VARIANT_TRAINING,
     DifficultyProbe,
-    Framing,
     Recipe,
     Thresholds,
     accuracy,
@@ -268,7 +268,7 @@ def test_a_model_without_think_tags_gets_the_texts_without_them():
 def test_a_samples_entropy_is_over_its_tokens_top_logprobs_and_the_sampled_one():
     """The authors' labelling entropy from an OpenAI logprobs body: a sampled token outside
     the listed top ones joins them; the sample's entropy is the mean over its tokens."""
-    from clients.probes import _choice_entropy
+    from clients.cli.probes import _choice_entropy
 
     def entry(token, logprob, top):
         return {"token": token, "logprob": logprob,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from steering.east import RequestSteering, VectorUse, fill_coefficients
-from steering.vllm_adapter.layer_steering import (
+from steering.methods.east.core import RequestSteering, VectorUse, fill_coefficients
+from steering.runtime.layers import (
     SteerableLayer,
     SteeringTable,
     decoder_layers,
@@ -51,11 +51,11 @@ def test_a_gated_vector_steers_generated_positions_only_while_its_gate_holds():
 
 
 def test_capture_row_is_the_last_prompt_token_when_this_step_computes_it():
-    steering = RequestSteering((), prompt_len=10, capture=True, key="r")
-    assert steering.capture_row(start=3, end=7, computed=0) is None  # chunk of tokens 0-3
-    assert steering.capture_row(start=3, end=9, computed=4) == 8  # tokens 4-9: 9 is last
-    assert steering.capture_row(start=0, end=1, computed=10) is None  # decoding
-    assert RequestSteering((), prompt_len=3).capture_row(0, 3, 0) is None  # not asked
+    from steering.methods.hidden_states.adapter import capture_row
+
+    assert capture_row(10, start=3, end=7, computed=0) is None  # chunk of tokens 0-3
+    assert capture_row(10, start=3, end=9, computed=4) == 8  # tokens 4-9: 9 is last
+    assert capture_row(10, start=0, end=1, computed=10) is None  # decoding
 
 
 def test_same_vector_twice_adds_up():
@@ -106,7 +106,7 @@ def test_install_wraps_every_layer_and_shares_one_table():
         scheduler_config=SimpleNamespace(max_num_batched_tokens=16),
         compilation_config=SimpleNamespace(max_cudagraph_capture_size=None),
         model_config=SimpleNamespace(get_hidden_size=lambda: 4, dtype=torch.float32))
-    install_steerable_layers(model, config, slots=4)
+    install_steerable_layers(model, config, slots=4, capture_rows=2)
     name, layers = decoder_layers(model)
     assert name == "model.layers" and all(isinstance(m, SteerableLayer) for m in layers)
     assert len({id(m.table) for m in layers}) == 1
@@ -114,7 +114,7 @@ def test_install_wraps_every_layer_and_shares_one_table():
 
 
 def test_action_entropy():
-    from steering.east import action_entropy
+    from steering.methods.east.core import action_entropy
 
     assert action_entropy(["A", "A", None]) == 0.0
     assert action_entropy(["A", "B"]) == pytest.approx(np.log(2))
@@ -122,7 +122,7 @@ def test_action_entropy():
 
 
 def test_east_vector_is_the_entropy_weighted_centred_mean():
-    from steering.east import Centring, contrastive_vector, east_vector
+    from steering.methods.east.core import Centring, contrastive_vector, east_vector
 
     a = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 4.0]])
     h = torch.tensor([0.0, 1.0, 3.0])
@@ -140,7 +140,7 @@ def test_east_vector_is_the_entropy_weighted_centred_mean():
 def test_east_vector_centres_each_activation_on_its_own_run():
     """Eq. 1 of Rahn et al. written out as its two sums, against runs of unequal length in
     shuffled order, one step without a valid action (NaN) and run ids that are not 0..K-1."""
-    from steering.east import Centring, east_vector
+    from steering.methods.east.core import Centring, east_vector
 
     generator = torch.Generator().manual_seed(0)
     runs = torch.tensor([7, 3, 7, 7, 11, 3, 11, 7, 3])

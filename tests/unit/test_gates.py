@@ -1,4 +1,5 @@
-"""Entropy gates and dynamic temperature (`steering.gates`) against independent references: a
+"""Entropy gates and dynamic temperature (`steering.methods.gates`) against independent
+references: a
 scalar re-statement of the gate rules over float64 numpy entropies, llama.cpp's dynamic
 temperature formula, and HF transformers' logits warpers for the sampling chain."""
 
@@ -14,8 +15,7 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from server.protocol import MAX_GATES as SCHEMA_MAX_GATES
-from steering.gates import (
+from steering.methods.gates.core import (
     MAX_GATES,
     Action,
     Gate,
@@ -25,8 +25,10 @@ from steering.gates import (
     Signal,
     sample_chain,
 )
+from steering.methods.registry import STAGES, SteeringOptions
 
 VOCAB = 64
+TYPICAL_P = "typical_p"  # the typical method's stage: a gate action and a chain step
 
 
 def numpy_entropy(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +68,7 @@ class Reference:
             high = s.temperature + s.dynatemp_range
             temperature = low + (high - low) * (h / math.log(finite)) ** s.dynatemp_exponent
         chosen = {}
-        for action in Action:
+        for action in (*Action, TYPICAL_P):
             for g, gate in enumerate(self.row.gates):
                 if on[g] and action in dict(gate.then):
                     chosen[action] = dict(gate.then)[action]
@@ -74,7 +76,7 @@ class Reference:
         return {"fired": fired, "on": on,
                 "temperature": chosen.get(Action.TEMPERATURE, temperature),
                 "min_p": chosen.get(Action.MIN_P, s.min_p),
-                "typical_p": chosen.get(Action.TYPICAL_P, s.typical_p),
+                "typical_p": chosen.get(TYPICAL_P, s.stages.get(TYPICAL_P, 1.0)),
                 "top_k": int(chosen.get(Action.TOP_K, s.top_k)),
                 "east": -1 if Action.EAST not in chosen else next(
                     g for g, gate in enumerate(self.row.gates)
@@ -99,10 +101,9 @@ ROWS = [
     GatedRow(Sampling(temperature=1.0, min_p=0.05, dynatemp_range=0.5, dynatemp_exponent=2.0), (
         Gate(Signal.VARENTROPY, above=1.0, below=6.0, hold=2, then=((Action.TOP_K, 5),)),
     )),
-    GatedRow(Sampling(temperature=0.0, typical_p=0.9), (
+    GatedRow(Sampling(temperature=0.0, stages={TYPICAL_P: 0.9}), (
         Gate(Signal.ENTROPY, below=1.0, hold=1, then=((Action.MIN_P, 0.2),)),
-        Gate(Signal.ENTROPY, below=3.0, hold=2, then=((Action.MIN_P, 0.1), (Action.TYPICAL_P,
-                                                                            0.5))),
+        Gate(Signal.ENTROPY, below=3.0, hold=2, then=((Action.MIN_P, 0.1), (TYPICAL_P, 0.5))),
         Gate(Signal.ENTROPY_EMA, above=1.5, ema=0.0, then=((Action.TEMPERATURE, 0.9),)),
         Gate(Signal.ENTROPY, above=0.5, hold=4, then=((Action.EAST, 1.0),)),
     )),
@@ -111,12 +112,14 @@ ROWS = [
 
 
 def test_the_schema_and_the_engine_table_allow_the_same_number_of_gates():
-    assert SCHEMA_MAX_GATES == MAX_GATES
+    schema = SteeringOptions.model_json_schema()
+    gates = next(v for v in schema["properties"]["gates"]["anyOf"] if v.get("type") == "array")
+    assert gates["maxItems"] == MAX_GATES
 
 
 def test_every_decision_matches_the_rules_restated_per_token():
     generator = torch.Generator().manual_seed(0)
-    table = GateTable(capacity=8)
+    table = GateTable(capacity=8, stages=STAGES)
     batch = [5, 0, 7, 2]  # batch rows of ROWS, out of order
     for index, row in zip(batch, ROWS):
         table.set_row(index, row)
@@ -137,7 +140,7 @@ def test_every_decision_matches_the_rules_restated_per_token():
             assert decision.temperature[r].item() == pytest.approx(want["temperature"],
                                                                    rel=1e-4, abs=1e-6)
             assert decision.min_p[r].item() == pytest.approx(want["min_p"])
-            assert decision.typical_p[r].item() == pytest.approx(want["typical_p"])
+            assert decision.stages[TYPICAL_P][r].item() == pytest.approx(want["typical_p"])
             assert decision.top_k[r].item() == want["top_k"]
             assert decision.east_gate[r].item() == want["east"]
             fired_any += sum(want["fired"])
@@ -152,7 +155,7 @@ def test_a_position_seen_again_starts_from_the_state_before_it():
                                      then=((Action.TEMPERATURE, 0.5),)),))
     generator = torch.Generator().manual_seed(1)
     a, b = random_logits(1, generator), random_logits(1, generator)
-    once, twice = GateTable(1), GateTable(1)
+    once, twice = GateTable(1, stages=STAGES), GateTable(1, stages=STAGES)
     for table in (once, twice):
         table.set_row(0, row)
         table.step(torch.tensor([0]), torch.tensor([0]), a.clone())
@@ -166,7 +169,7 @@ def test_a_position_seen_again_starts_from_the_state_before_it():
 
 def test_moves_carry_a_rows_parameters_and_state():
     generator = torch.Generator().manual_seed(2)
-    moved, still = GateTable(4), GateTable(4)
+    moved, still = GateTable(4, stages=STAGES), GateTable(4, stages=STAGES)
     moved.set_row(1, ROWS[0])
     moved.set_row(3, ROWS[1])
     still.set_row(0, ROWS[0])
@@ -205,7 +208,7 @@ def hf_chain(logits: torch.Tensor, temperature: float, min_p: float, typical_p: 
 
 def test_the_sampling_chain_is_hfs_warpers_in_vllms_order():
     generator = torch.Generator().manual_seed(3)
-    table = GateTable(len(ROWS))
+    table = GateTable(len(ROWS), stages=STAGES)
     for index, row in enumerate(ROWS):
         table.set_row(index, row)
     rows = torch.arange(len(ROWS))
@@ -214,10 +217,10 @@ def test_the_sampling_chain_is_hfs_warpers_in_vllms_order():
         logits = random_logits(len(ROWS), generator, masked=0.0)
         raw = logits.clone()
         decision = table.step(rows, torch.full((len(ROWS),), position), logits)
-        sample_chain(logits, decision)
+        sample_chain(logits, decision, STAGES)
         for r in range(len(ROWS)):
             want = hf_chain(raw[r], decision.temperature[r].item(), decision.min_p[r].item(),
-                            decision.typical_p[r].item(), int(decision.top_k[r]))
+                            decision.stages[TYPICAL_P][r].item(), int(decision.top_k[r]))
             assert torch.equal(torch.isinf(logits[r]), torch.isinf(want)), (position, r)
             kept = ~torch.isinf(want)
             assert torch.allclose(logits[r][kept], want[kept], rtol=1e-6, atol=1e-6)
@@ -226,7 +229,7 @@ def test_the_sampling_chain_is_hfs_warpers_in_vllms_order():
 
 
 def test_dynamic_temperature_keeps_the_request_temperature_for_a_single_candidate():
-    table = GateTable(1)
+    table = GateTable(1, stages=STAGES)
     table.set_row(0, GatedRow(Sampling(temperature=0.6, dynatemp_range=0.5)))
     logits = torch.full((1, VOCAB), -torch.inf)
     logits[0, 3] = 1.0

@@ -7,14 +7,15 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-from steering.typical import apply_typical
-from steering.vllm_adapter.logits_processors import ExtraArgs, TypicalLogitsProcessor
+from steering.methods.typical.adapter import TypicalProcessor
+from steering.methods.typical.core import apply_typical
+from steering.runtime.keys import method_key
 
 CONFIG = SimpleNamespace(additional_config={})
 
 
 def params(typical_p=None, temperature=1.0):
-    extra = {} if typical_p is None else {ExtraArgs.TYPICAL_P: typical_p}
+    extra = {} if typical_p is None else {method_key("typical"): typical_p}
     return SamplingParams(temperature=temperature, extra_args=extra)
 
 
@@ -24,7 +25,7 @@ def update(batch_size, added=(), removed=(), moved=()):
 
 
 def test_rows_follow_adds_removes_moves_and_swaps():
-    proc = TypicalLogitsProcessor(CONFIG, torch.device("cpu"), False)
+    proc = TypicalProcessor(CONFIG, torch.device("cpu"), False)
     proc.update_state(update(3, added=[(0, params(0.5)), (1, params()), (2, params(0.2))]))
     assert proc.rows == {0: 0.5, 2: 0.2}
     proc.update_state(update(3, moved=[(0, 2, MoveDirectionality.SWAP)]))
@@ -36,7 +37,7 @@ def test_rows_follow_adds_removes_moves_and_swaps():
 
 
 def test_greedy_and_untyped_rows_are_left_alone():
-    proc = TypicalLogitsProcessor(CONFIG, torch.device("cpu"), False)
+    proc = TypicalProcessor(CONFIG, torch.device("cpu"), False)
     proc.update_state(update(3, added=[(0, params(0.3, temperature=0.0)), (1, params(1.0)),
                                        (2, params(0.3))]))
     assert proc.rows == {2: 0.3}
@@ -45,7 +46,7 @@ def test_greedy_and_untyped_rows_are_left_alone():
 def test_apply_masks_only_its_rows_exactly_as_the_core():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 300, generator=g)
-    proc = TypicalLogitsProcessor(CONFIG, torch.device("cpu"), False)
+    proc = TypicalProcessor(CONFIG, torch.device("cpu"), False)
     proc.update_state(update(4, added=[(1, params(0.4)), (3, params(0.8))]))
     out = proc.apply(logits.clone())
     assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2])
@@ -56,11 +57,11 @@ def test_apply_masks_only_its_rows_exactly_as_the_core():
 @pytest.mark.parametrize("bad", [0, -0.1, 1.5, "0.5", True])
 def test_validate_params_rejects_out_of_range(bad):
     with pytest.raises(ValueError):
-        TypicalLogitsProcessor.validate_params(params(bad))
+        TypicalProcessor.validate_params(params(bad))
 
 
 def test_entropy_trace_window_marks_unmeasured_positions():
-    from steering.vllm_adapter.telemetry import EntropyTrace
+    from steering.runtime.telemetry import EntropyTrace
 
     trace = EntropyTrace()
     trace.record(0, 1.0, 2.0)
@@ -73,7 +74,7 @@ def test_a_continuations_trace_lands_after_the_forced_tokens():
     """The continuation's positions land `offset` (2) later, after the forced gap, which stays
     unmeasured; a second copy goes on where the first stopped and takes only what was
     measured."""
-    from steering.vllm_adapter.telemetry import EntropyTrace
+    from steering.runtime.telemetry import EntropyTrace
 
     trace, continuation = EntropyTrace(), EntropyTrace()
     trace.record(0, 1.0, 2.0)
@@ -90,36 +91,46 @@ GATE_CONFIG = SimpleNamespace(additional_config={},
 
 
 def gated_params(temperature: float, gates: list, top_k: int = 0, seed: int | None = None):
-    """A gated request's parameters as the engine wrapper hands them to vLLM."""
-    from server.engine import GateSpec, SamplingOptions, _extra_args, _hand_sampling_to_gates
+    """A gated request's parameters as the engine hands them to vLLM (`Engine.choice`)."""
+    from steering.engine.engine import methods_encoding
+    from steering.methods.gates.descriptor import GateSpec
 
-    options = SamplingOptions(max_tokens=8, temperature=temperature, top_k=top_k,
-                              gates=tuple(GateSpec(g) for g in gates))
+    steering = {"gates": tuple(GateSpec(g) for g in gates)}
     p = SamplingParams(temperature=temperature, top_k=top_k, seed=seed,
-                       extra_args=_extra_args(options, "r", []))
-    _hand_sampling_to_gates(p, options)
+                       extra_args={"steer_id": "r"})
+    for method in methods_encoding(steering):
+        method.encode(steering[method.name], p, [], steering)
     return p
 
 
 def test_the_engine_encoding_decodes_to_the_same_gates_and_hands_vllm_unit_temperature():
-    from steering.gates import Action, Gate, Signal
-    from steering.vllm_adapter.logits_processors import decode_gated_row
+    from steering.methods.gates.adapter import decode_gated_row
+    from steering.methods.gates.core import Action, Gate, Signal
 
     gates = [Gate(Signal.ENTROPY_EMA, above=1.5, hold=3, ema=0.8,
                   then=((Action.TEMPERATURE, 0.2), (Action.TOP_K, 4))),
              Gate(Signal.VARENTROPY, below=0.5, then=((Action.MIN_P, 0.1),))]
     p = gated_params(0.5, gates, top_k=7)
     assert (p.temperature, p.top_k, p.min_p) == (1.0, 0, 0.0)
-    row = decode_gated_row(p.extra_args)
+    row = decode_gated_row(p.extra_args[method_key("gates")]).row
     assert row.gates == tuple(gates)
-    assert (row.sampling.temperature, row.sampling.top_k, row.sampling.typical_p) == (0.5, 7, 1)
-    greedy = decode_gated_row(gated_params(0.0, gates).extra_args)
+    assert (row.sampling.temperature, row.sampling.top_k, row.sampling.stages) == (0.5, 7, {})
+    greedy = decode_gated_row(gated_params(0.0, gates).extra_args[method_key("gates")]).row
     assert greedy.sampling.temperature == 0.0
 
 
 def test_the_gate_processor_follows_the_batch_and_applies_the_core():
-    from steering.gates import Action, Gate, GatedRow, GateTable, Sampling, Signal, sample_chain
-    from steering.vllm_adapter.logits_processors import GateProcessor
+    from steering.methods.gates.adapter import GateProcessor
+    from steering.methods.gates.core import (
+        Action,
+        Gate,
+        GatedRow,
+        GateTable,
+        Sampling,
+        Signal,
+        sample_chain,
+    )
+    from steering.methods.registry import STAGES
 
     hot = Gate(Signal.ENTROPY, above=-1.0, hold=1, then=((Action.EAST, 1.0),))  # always fires
     cold = Gate(Signal.ENTROPY, above=1e9, then=((Action.TEMPERATURE, 0.1),))  # never
@@ -133,11 +144,12 @@ def test_the_gate_processor_follows_the_batch_and_applies_the_core():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(4))
     out = proc.apply(logits.clone())
     assert torch.equal(out[1], logits[1])  # not a gated row
-    reference = GateTable(2)
+    reference = GateTable(2, stages=STAGES)
     reference.set_row(0, GatedRow(Sampling(temperature=1.0), (cold, hot)))
     reference.set_row(1, GatedRow(Sampling(temperature=0.7), (cold,)))
     chosen = logits[[0, 2]].clone()
-    sample_chain(chosen, reference.step(torch.tensor([0, 1]), torch.tensor([2, 0]), chosen))
+    sample_chain(chosen, reference.step(torch.tensor([0, 1]), torch.tensor([2, 0]), chosen),
+                 STAGES)
     assert torch.equal(out[[0, 2]], chosen)
     assert proc.east_gate[:3].tolist() == [1, -1, -1]  # row 0's second gate steers next
     proc.update_state(update(3, moved=[(0, 1, MoveDirectionality.UNIDIRECTIONAL)]))

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from steering.particles import (
+from steering.methods.particles.core import (
     ParticleFilter,
     ParticleSettings,
     Step,

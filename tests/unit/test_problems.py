@@ -3,7 +3,8 @@ evaluations write whole or not at all."""
 
 import pytest
 
-from clients.problems import extract_answer, is_correct, write_text_atomic
+from clients.experiments.problems import extract_answer, is_correct
+from clients.files import write_text_atomic
 
 
 @pytest.mark.parametrize("text, answer", [

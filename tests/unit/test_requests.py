@@ -9,9 +9,9 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from server.errors import InvalidRequest, validation_error
-from server.openai_serving import tidy_message, without_nulls
 from server.requests import ChatCompletionRequest, CompletionRequest, TokenizeRequest
-from steering.vllm_adapter.logits_processors import ExtraArgs
+from server.serving import tidy_message, without_nulls
+from steering.engine.session import ORDINAL_KEY, SESSION_KEY, SteeringSession
 from tests.openai_spec import CHAT_RESPONSE, validate
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -70,10 +70,10 @@ def test_both_typical_forms_are_refused():
 def test_sampling_params_carry_the_session_and_each_prompts_ordinal():
     request = CompletionRequest.model_validate({"prompt": ["a", "b"], "vllm_xargs": {"k": 1}})
     assert request.to_sampling_params(4, {}).extra_args == {"k": 1}  # not bound: untouched
-    request.bind("s-1")
+    request.bind(SteeringSession("s-1", {}, stream_entropy=False))
     first, second = (request.to_sampling_params(4, {}) for _ in range(2))
-    assert first.extra_args == {"k": 1, ExtraArgs.SESSION: "s-1", ExtraArgs.ORDINAL: 0}
-    assert second.extra_args[ExtraArgs.ORDINAL] == 1
+    assert first.extra_args == {"k": 1, SESSION_KEY: "s-1", ORDINAL_KEY: 0}
+    assert second.extra_args[ORDINAL_KEY] == 1
     assert request.vllm_xargs == {"k": 1}  # the request's own dict is not changed
 
 
@@ -100,22 +100,23 @@ def test_vllm_answer_nulls_are_dropped_where_the_schema_forbids_them():
 def test_plan_reads_every_method_once_and_reports_each():
     from dataclasses import replace
 
-    from server.generation import Plan, SteeringReport, steering_report
-    from server.methods import Outcome
+    from steering.methods.base import Outcome
+    from steering.methods.plan import Plan, SteeringReport
 
     request = ChatCompletionRequest.model_validate({"messages": CHAT, "typical_p": 0.5,
         "steering": {"east": {"vector": "v", "scale": 2.0}, "vreason": {"every": 3},
                      "return_hidden_states": [3, "final", 3], "return_entropy": True}})
     plan = Plan.of(request)
     assert plan.methods == ("east", "typical", "vreason") and plan.label == "east+typical+vreason"
-    steering = plan.engine_steering()
-    assert steering.typical_p == 0.5 and steering.east[0].vector == "v"
-    assert steering.capture_layers == (3,) and steering.capture_final
-    assert steering.vreason.every == 3
-    assert plan.not_with_particles() == ["steering.vreason", "steering.return_hidden_states"]
-    ran = replace(steering, east=(replace(steering.east[0], layers=(7,)),))
-    report = steering_report(plan, Outcome(ran, hidden_states={3: [0.5], "final": [0.25]},
-                                           vreason={"updates": []}), [1.0, None], [2.0, None])
+    steering = {m.name: m.settings(plan.used[m.name]) for m in plan.methods_used}
+    assert steering["typical"] == 0.5 and steering["east"][0].vector == "v"
+    assert steering["hidden_states"] == ((3,), True)
+    assert steering["vreason"].every == 3
+    assert [m.param for m in plan.methods_used if not m.with_particles] == [
+        "steering.vreason", "steering.return_hidden_states"]
+    ran = {**steering, "east": (replace(steering["east"][0], layers=(7,)),)}
+    report = plan.report(Outcome(ran, entropy=[1.0, None], varentropy=[2.0, None], collected={
+        "hidden_states": {3: [0.5], "final": [0.25]}, "vreason": {"updates": []}}))
     assert report["typical"] == {"p": 0.5}
     assert report["east"] == [{"vector": "v", "scale": 2.0, "layers": [7],
                                "positions": "generated"}]
@@ -129,9 +130,8 @@ def test_plan_reads_every_method_once_and_reports_each():
 
 
 def test_the_gates_report_reads_each_tokens_gate_step():
-    from server.generation import Plan, SteeringReport, steering_report
-    from server.methods import Outcome
-    from steering.vllm_adapter.telemetry import GateStep
+    from steering.methods.base import Outcome
+    from steering.methods.plan import Plan, SteeringReport
 
     request = CompletionRequest.model_validate({"prompt": "x", "steering": {
         "dynatemp": {"range": 0.5},
@@ -139,11 +139,15 @@ def test_the_gates_report_reads_each_tokens_gate_step():
                   {"signal": "varentropy", "below": 1.0, "then": {
                       "east": {"vector": "v", "scale": 3.0}}}]}})
     plan = Plan.of(request)
-    assert plan.methods == ("dynatemp", "gates") and not plan.not_with_particles()
-    steps = [GateStep(0.3, 0b01, 0b01, -1, [2.5, 0.4]), GateStep(0.3, 0b10, 0b11, 1, [1.5, 0.2]),
-             None, GateStep(1.1, 0, 0, -1, [1.0, 3.0])]  # token 2 never measured
-    report = steering_report(plan, Outcome(plan.engine_steering(), gate_steps=steps),
-                             [2.5, 1.5, None, 1.0], [0.4, 0.2, None, 3.0])
+    assert plan.methods == ("dynatemp", "gates")
+    assert all(m.with_particles for m in plan.methods_used)
+    # per token, as the gate processor sends it: temperature, fired and on (bit g: gate g),
+    # the gate whose EAST action steers the next token, each gate's signal
+    values = [[0.3, 0b01, 0b01, -1, 2.5, 0.4], [0.3, 0b10, 0b11, 1, 1.5, 0.2],
+              None, [1.1, 0, 0, -1, 1.0, 3.0]]  # token 2 never measured
+    steering = {m.name: m.settings(plan.used[m.name]) for m in plan.methods_used}
+    report = plan.report(Outcome(steering, entropy=[2.5, 1.5, None, 1.0],
+                                 varentropy=[0.4, 0.2, None, 3.0], values={"gates": values}))
     assert report["gates"] == {"gates": [
         {"signal": "entropy", "then": {"temperature": 0.3}, "fired_count": 1, "fired": [0],
          "values": [2.5], "held": [0, 1]},

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from clients.stats import interval_text, mean_interval, paired_difference
+from clients.experiments.stats import interval_text, mean_interval, paired_difference
 
 
 def test_mean_interval_matches_the_normal_approximation_on_a_large_sample():

@@ -6,7 +6,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from transformers.generation.logits_process import TypicalLogitsWarper
 
-from steering.typical import CutoffSearch, apply_typical, typical_mask
+from steering.methods.typical.core import CutoffSearch, apply_typical, typical_mask
 
 VOCAB = 512
 SEARCHES = pytest.mark.parametrize("search", list(CutoffSearch))

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 import torch
 
-from server.engine import VectorSlots
+from steering.engine.slots import VectorSlots
 
 
 class SlowEngine:

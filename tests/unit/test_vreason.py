@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from server.default_model import ensure_default_model
-from steering.vreason import (
+from steering.methods.vreason.core import (
     EntropyPhase,
     LastLayerTail,
     VReasonConfig,
@@ -179,9 +179,10 @@ def _runner(architecture="LlamaForCausalLM", tp=1, isa="vec", kv_dtype="auto", w
 def test_unsupported_engines_are_named_and_refused(change, reason):
     """An engine V-Reason cannot tune gets its reason at start, and every V-Reason request a
     400 naming `steering.vreason` with that reason."""
-    from server.engine import Engine
-    from server.errors import InvalidRequest
-    from steering.vllm_adapter.vreason import ValueCacheTuner
+    from steering.engine.engine import Engine
+    from steering.errors import InvalidRequest
+    from steering.methods.vreason.adapter import ValueCacheTuner
+    from steering.methods.vreason.descriptor import VReason
 
     runner, tuner = _runner(**change)
     found = ValueCacheTuner._check(tuner, runner)
@@ -190,7 +191,7 @@ def test_unsupported_engines_are_named_and_refused(change, reason):
         return
     assert reason in found
     engine = Engine.__new__(Engine)  # the refusal alone: no engine process
-    engine.vreason_unsupported, engine.vreason_max_steps = found, 8
+    engine._unsupported = {"vreason": found}  # what the worker said at start
     with pytest.raises(InvalidRequest) as refused:
-        engine._check_vreason(VReasonConfig())
+        VReason().resolve(VReasonConfig(), engine, 8)
     assert refused.value.param == "steering.vreason" and reason in refused.value.message

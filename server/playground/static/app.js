@@ -13,6 +13,7 @@ const state = {
   key: sessionStorage.getItem(KEY_STORAGE) || "",
   model: null,
   schemas: {},
+  panels: [],  // the methods with a panel built from the schema: {name, schemaName}
   vectors: [],
   probes: [],
   history: { steered: [], plain: [] },
@@ -128,11 +129,17 @@ $("key-form").addEventListener("submit", (event) => {
 
 // --- controls built from the server's schema -------------------------------------------
 
+// A `$ref` to a component schema, or the schema itself.
+function resolve(schema) {
+  return schema?.$ref ? state.schemas[schema.$ref.split("/").pop()] : schema;
+}
+
 function plain(property) {
-  // Optional fields are `anyOf: [schema, null]` in the OpenAPI document.
-  if (!property.anyOf) return property;
-  const variant = property.anyOf.find((v) => v.type !== "null") || {};
-  return { ...variant, default: property.default, description: property.description ?? variant.description };
+  // Optional fields are `anyOf: [schema, null]` in the OpenAPI document; option sets are
+  // `$ref`s to enum schemas.
+  const variant = property.anyOf ? property.anyOf.find((v) => v.type !== "null") || {} : property;
+  const schema = resolve(variant);
+  return { ...schema, default: property.default, description: property.description ?? variant.description ?? schema.description };
 }
 
 function fieldControl(id, name, property) {
@@ -147,7 +154,7 @@ function fieldControl(id, name, property) {
     return el("label", { class: "check" }, input, ` ${name}`);
   } else if (p.type === "integer" || p.type === "number") {
     input = el("input", {
-      id, type: "number", title, value: p.default ?? "",
+      id, type: "number", title, value: p.default ?? p.examples?.[0] ?? "",
       min: p.minimum ?? p.exclusiveMinimum, max: p.maximum ?? p.exclusiveMaximum,
       step: p.type === "integer" ? 1 : "any",
     });
@@ -161,12 +168,11 @@ function fieldControl(id, name, property) {
 }
 
 // One group of inputs per options model, e.g. ParticleOptions -> #particles-n, #particles-max-steps.
-function buildFields(group, schemaName, skip = []) {
+function buildFields(group, schemaName) {
   const container = $(`${group}-fields`);
   container.replaceChildren();
   const schema = state.schemas[schemaName];
   for (const [name, property] of Object.entries(schema.properties)) {
-    if (skip.includes(name)) continue;
     const control = fieldControl(`${group}-${name.replaceAll("_", "-")}`, name, property);
     if (control) container.append(control);
   }
@@ -210,11 +216,31 @@ function buildControls() {
     ...classes.map((c) => el("option", { value: c, text: c })));
   const positions = state.schemas.EastOptions.properties.positions;
   $("east-positions").replaceChildren(...positions.enum.map((v) => el("option", { value: v, text: v, selected: v === positions.default })));
-  buildFields("particles", "ParticleOptions", ["stop"]);
-  buildFields("vreason", "VReasonOptions");
-  buildFields("dynatemp", "DynatempOptions");
-  if (!$("dynatemp-range").value) $("dynatemp-range").value = "0.5";
+  buildMethodPanels();
   $("gates").replaceChildren();
+}
+
+// The steering fields with a view of their own; every other method in the server's schema gets
+// a panel built from its options model: an "on" switch and one input per field.
+const OWN_VIEWS = new Set(["east", "diffadapt", "gates", "return_entropy", "return_hidden_states"]);
+
+function buildMethodPanels() {
+  state.panels = [];
+  const panels = $("method-panels");
+  panels.replaceChildren();
+  for (const [name, property] of Object.entries(state.schemas.SteeringOptions.properties)) {
+    const variant = (property.anyOf || [property]).find((v) => v.$ref);
+    if (OWN_VIEWS.has(name) || !variant) continue;
+    const schemaName = variant.$ref.split("/").pop();
+    const schema = state.schemas[schemaName];
+    if (schema.type !== "object") continue;
+    panels.append(el("details", { "data-method": name },
+      el("summary", { text: schema.title || name, title: schema.description || "" }),
+      el("label", { class: "check" }, el("input", { type: "checkbox", id: `${name}-on` }), " on"),
+      el("div", { class: "grid", id: `${name}-fields` })));
+    buildFields(name, schemaName);
+    state.panels.push({ name, schemaName });
+  }
 }
 
 // A gate: its signal and condition, and one action (sampling field or EAST vector).
@@ -275,7 +301,9 @@ const number = (id) => ($(id).value === "" ? null : Number($(id).value));
 
 function steeringOptions() {
   const steering = {};
-  if ($("typical-on").checked) steering.typical = { p: number("typical-p") };
+  for (const { name, schemaName } of state.panels) {
+    if ($(`${name}-on`).checked) steering[name] = readFields(name, schemaName);
+  }
   if ($("east-vector").value) {
     const east = { vector: $("east-vector").value, scale: number("east-scale") };
     if ($("east-layer").value !== "") east.layers = [number("east-layer")];
@@ -288,11 +316,8 @@ function steeringOptions() {
     if ($("diffadapt-continuation").value) diffadapt.continuation = $("diffadapt-continuation").value === "true";
     steering.diffadapt = diffadapt;
   }
-  if ($("particles-on").checked) steering.particles = readFields("particles", "ParticleOptions");
-  if ($("vreason-on").checked) steering.vreason = readFields("vreason", "VReasonOptions");
   const gates = readGates();
   if (gates.length) steering.gates = gates;
-  if ($("dynatemp-on").checked) steering.dynatemp = readFields("dynatemp", "DynatempOptions");
   return steering;
 }
 
@@ -655,11 +680,15 @@ function renderReports() {
       el("pre", { class: "code", text: strategy.prompt + (strategy.prefill ? `\n\n[assistant] ${strategy.prefill}` : "") }));
   }
   const lines = [];
-  if (report?.typical) lines.push(`typical sampling, τ = ${report.typical.p}`);
   for (const east of report?.east || []) lines.push(`EAST: ${east.vector} × ${east.scale} at layer ${east.layers.join(", ")} (${east.positions} positions)`);
   for (const gate of report?.gates?.gates || []) lines.push(`gate on ${gate.signal}: fired at ${gate.fired_count} tokens, then ${JSON.stringify(gate.then)}`);
   if (report?.vreason) lines.push(`V-Reason: ${report.vreason.updates.length} updates${report.vreason.error ? ` (${report.vreason.error})` : ""}`);
-  if (report?.dynatemp) lines.push(`dynamic temperature: range ${report.dynatemp.range}, exponent ${report.dynatemp.exponent}`);
+  for (const { name, schemaName } of state.panels) {  // the others: their settings
+    const section = report?.[name];
+    if (!section || name === "vreason" || name === "particles") continue;
+    const settings = Object.entries(section).filter(([, v]) => v !== null && typeof v !== "object");
+    lines.push(`${state.schemas[schemaName].title || name}: ${settings.map(([k, v]) => `${k} ${v}`).join(", ")}`);
+  }
   $("methods-view").hidden = !lines.length;
   $("methods-view").replaceChildren(el("h3", { text: "Steering report" }), el("ul", {}, ...lines.map((l) => el("li", { text: l }))));
 }

@@ -1,0 +1,5 @@
+"""`python -m clients.cli`: the `steer` command."""
+
+from clients.cli.main import main
+
+main()

@@ -1,0 +1,144 @@
+"""Particle filtering per request: `core.ParticleFilter` driven by engine requests.
+
+Every iteration sends one engine request per live particle, all at once (vLLM batches them):
+the prompt plus the particle's tokens so far, generating until the step delimiter. vLLM's prefix
+cache holds the shared prompt and every trajectory's full KV blocks, so a particle re-prefills
+only its last partial block and its new step; resampled copies share their ancestor's blocks.
+Rewards: `self_certainty` from the step's per-token entropy (the engine's telemetry), a process
+reward model on a second engine (`--prm`), or an external HTTP scorer (`rewards`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass, replace
+
+from steering.errors import InvalidRequest
+from steering.methods.particles.core import (
+    Particle,
+    ParticleFilter,
+    ParticleSettings,
+    Step,
+    StepReport,
+    self_certainty,
+)
+from steering.methods.particles.rewards import HttpScorer, Reward, RewardModel
+
+DEFAULT_PARTICLE_TOKENS = 512  # per particle when the request sets no max_tokens
+DEFAULT_MAX_TOTAL_TOKENS = 65536  # n × per-particle tokens (× 2 with look-ahead) per request
+
+
+@dataclass(frozen=True)
+class ParticleConfig:
+    """Server-side settings: the reward model and the HTTP scorer (None: asking for that reward
+    is a 400) and the size limit."""
+
+    prm: RewardModel | None = None
+    scorer: HttpScorer | None = None
+    max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS
+
+
+@dataclass
+class ParticleResult:
+    chosen: Particle
+    chosen_index: int
+    particles: list[Particle]
+    reports: list[StepReport]
+    generated_tokens: int
+
+    def report(self, options) -> dict:
+        steps = [asdict(r) for r in self.reports]
+        report = {"n": options.n, "reward": options.reward, "annealing": options.annealing,
+                  "lookahead": options.lookahead, "steps": steps,
+                  "resamples": sum(r.resampled for r in self.reports),
+                  "final_scores": [p.score for p in self.particles],
+                  "chosen": self.chosen_index, "generated_tokens": self.generated_tokens}
+        if options.return_particles:
+            report["particles"] = [{"text": p.text, "score": p.score,
+                                    "log_weight": p.log_weight, "finished": p.finished,
+                                    "steps": len(p.steps)} for p in self.particles]
+        return report
+
+
+class ParticleRun:
+    """One request's particle filter on the engine: its steps run with the request's sampling
+    and the other methods' in-engine `steering`; `meters` are the particle metrics."""
+
+    def __init__(self, engine, meters, config: ParticleConfig, options, prompt_ids: list[int],
+                 sampling, steering, label: tuple[str, str]) -> None:
+        self.engine, self.meters, self.config = engine, meters, config
+        self.options, self.prompt_ids, self.label = options, prompt_ids, label
+        self.steering = steering
+        room = engine.max_model_len - len(prompt_ids)
+        budget = sampling.max_tokens or min(DEFAULT_PARTICLE_TOKENS, room)
+        self.sampling = engine.admit(prompt_ids, replace(sampling, max_tokens=budget))
+        factor = 2 if options.lookahead else 1
+        total = options.n * budget * factor
+        if total > config.max_total_tokens:
+            raise InvalidRequest(
+                f"particles: n={options.n} × max_tokens={budget}"
+                f"{' × 2 (look-ahead)' if factor == 2 else ''} = {total} tokens exceeds this "
+                f"server's limit of {config.max_total_tokens}", "steering.particles.n")
+        if options.reward == Reward.HTTP and config.scorer is None:
+            raise InvalidRequest("this server has no reward scorer (start it with "
+                                 "--reward-url)", "steering.particles.reward")
+        if options.reward == Reward.PRM and config.prm is None:
+            raise InvalidRequest("this server has no process reward model (start it with "
+                                 "--prm PATH)", "steering.particles.reward")
+        self.prompt_text = engine.tokenizer.decode(prompt_ids)
+        self.generated_tokens = 0
+        self._calls = 0
+
+    async def run(self, on_step=None) -> ParticleResult:
+        o = self.options
+        settings = ParticleSettings(n=o.n, max_steps=o.max_steps, annealing=o.annealing,
+                                    ess_threshold=o.ess_threshold, early_phase=o.early_phase,
+                                    lookahead=o.lookahead, resampling=o.resampling,
+                                    select=o.select)
+
+        async def observed(report: StepReport) -> None:
+            self.meters.ess.labels(*self.label).observe(report.ess / o.n)
+            self.meters.temperature.labels(*self.label).observe(report.temperature)
+            if report.resampled:
+                self.meters.resamples.labels(*self.label).inc()
+            if on_step is not None:
+                await on_step(report)
+
+        pf = ParticleFilter(settings, seed=self.sampling.seed, on_step=observed)
+        chosen, particles, reports = await pf.run(self._extend, self._score)
+        self.meters.steps.labels(*self.label).observe(len(reports))
+        return ParticleResult(chosen=chosen, chosen_index=particles.index(chosen),
+                              particles=particles, reports=reports,
+                              generated_tokens=self.generated_tokens)
+
+    async def _extend(self, particles: list[Particle]) -> list[Step]:
+        return list(await asyncio.gather(*(self._step(p) for p in particles)))
+
+    async def _step(self, particle: Particle) -> Step:
+        done = particle.token_ids
+        left = self.sampling.max_tokens - len(done)
+        seed = self.sampling.seed
+        self._calls += 1
+        options = replace(self.sampling, max_tokens=left,
+                          stop=(self.options.step_delimiter,), include_stop_str_in_output=True,
+                          seed=None if seed is None else seed + 7919 * self._calls)
+        text, tokens, entropy, varentropy, finish, stop_reason = "", [], [], [], None, None
+        async for delta in self.engine.generate(self.prompt_ids + done, options, self.steering):
+            text += delta.text
+            tokens += delta.token_ids
+            if delta.trace is not None:
+                entropy, varentropy = delta.trace.window(0, len(tokens))
+            finish, stop_reason = delta.finish_reason, delta.stop_reason
+        self.generated_tokens += len(tokens)
+        at_delimiter = finish == "stop" and stop_reason == self.options.step_delimiter
+        finished = (not at_delimiter or len(tokens) >= left
+                    or any(pattern in text for pattern in self.options.stop))
+        return Step(text=text, token_ids=tokens, entropy=entropy, varentropy=varentropy,
+                    finished=finished)
+
+    async def _score(self, particles: list[Particle]) -> list[float]:
+        if self.options.reward == Reward.HTTP:
+            return await self.config.scorer(self.prompt_text, [p.text for p in particles])
+        if self.options.reward == Reward.PRM:
+            return await self.config.prm.score([self.prompt_text + p.text for p in particles])
+        return [self_certainty(p.steps[-1].entropy) for p in particles]
