@@ -19,7 +19,7 @@ class Admission:
     """A bound on the engine sequences the server holds, running and waiting: past `limit` a
     generation request is a 429 at once (with `Retry-After`) instead of a queue that grows
     until clients time out. A request holds as many sequences as it makes (choices × prompts,
-    or particles) until its answer has been sent."""
+    or what a method that answers it itself runs at once) until its answer has been sent."""
 
     RETRY_AFTER_S = 1
 
