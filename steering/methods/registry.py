@@ -19,11 +19,13 @@ from steering.methods.east.descriptor import East
 from steering.methods.gates.descriptor import Dynatemp, Gates
 from steering.methods.hidden_states.descriptor import HiddenStates
 from steering.methods.particles.descriptor import Particles
+from steering.methods.top_nsigma.descriptor import TopNSigma
 from steering.methods.typical.descriptor import Typical
 from steering.methods.vreason.descriptor import VReason
 
 METHODS: tuple[Method, ...] = (
     DiffAdapt(),
+    TopNSigma(),
     Typical(),
     Dynatemp(),
     Gates(),
