@@ -161,7 +161,8 @@ class ValueCacheTuner(WorkerPart):
             with torch.inference_mode(False):  # weights that autograd may save for backward
                 self.tail = self._load_tail(runner)
         else:
-            logger.info("V-Reason is unavailable: %s", self.unsupported)
+            logger.warning("V-Reason is not available on this engine (its requests get a 400): "
+                           "%s", self.unsupported)
 
     def _check(self, runner) -> str | None:
         config = runner.vllm_config
