@@ -18,6 +18,7 @@ from steering.methods.diffadapt.descriptor import DiffAdapt
 from steering.methods.east.descriptor import East
 from steering.methods.gates.descriptor import Dynatemp, Gates
 from steering.methods.hidden_states.descriptor import HiddenStates
+from steering.methods.mirostat.descriptor import Mirostat
 from steering.methods.particles.descriptor import Particles
 from steering.methods.top_nsigma.descriptor import TopNSigma
 from steering.methods.typical.descriptor import Typical
@@ -27,6 +28,7 @@ METHODS: tuple[Method, ...] = (
     DiffAdapt(),
     TopNSigma(),
     Typical(),
+    Mirostat(),
     Dynatemp(),
     Gates(),
     East(),
