@@ -5,12 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 from fastapi import Request
 
 from server.requests import GenerationRequest
 from server.serving import OpenAIServing
 from steering.framing import Framing
+
+
+def _role(message) -> str | None:
+    """A chat message's role (vLLM also accepts message objects, e.g. Harmony's, which have
+    none of the OpenAI roles)."""
+    return message.get("role") if isinstance(message, dict) else None
 
 
 class Conversation:
@@ -52,15 +59,17 @@ class Conversation:
 class ChatConversation(Conversation):
     """A chat: the question is the last user message; a framing's system prompt goes first
     when the chat has none, its prefill becomes the assistant's turn, which the model
-    continues."""
+    continues. Read only when a method asks (most requests never do)."""
 
     chat = True
 
-    def __init__(self, body, serving, engine) -> None:
-        super().__init__(body, serving, engine)
-        self.messages = list(body.messages)
-        self.last_user = max((i for i, m in enumerate(self.messages)
-                              if m.get("role") == "user"), default=None)
+    @cached_property
+    def messages(self) -> list:
+        return list(self.body.messages)
+
+    @cached_property
+    def last_user(self) -> int | None:
+        return max((i for i, m in enumerate(self.messages) if _role(m) == "user"), default=None)
 
     def questions(self) -> list[str] | None:
         if self.last_user is None or not isinstance(
@@ -76,7 +85,7 @@ class ChatConversation(Conversation):
         changed = [*self.messages]
         changed[self.last_user] = {**self.messages[self.last_user],
                                    "content": framing.wrap(question)}
-        if framing.system and not any(m.get("role") in ("system", "developer")
+        if framing.system and not any(_role(m) in ("system", "developer")
                                       for m in self.messages):
             changed.insert(0, {"role": "system", "content": framing.system})
         update = {"messages": changed}

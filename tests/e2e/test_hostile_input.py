@@ -197,6 +197,19 @@ def test_huge_particle_budget_is_400(server):
     assert_error(status, reply, 400)
 
 
+def test_a_message_object_without_an_openai_role_is_no_500(http):
+    """vLLM also parses Harmony-style message objects (`author`, `recipient`), which have no
+    OpenAI role: the fuzzer's crash of the reshape (a pass before generation read every chat
+    as dicts). Plain, they are vLLM's to answer; with DiffAdapt there is no question to probe."""
+    messages = [{"author": {"role": "user"}, "content": [{"type": "text", "text": "hi"}],
+                 "recipient": None}, {"role": "developer", "content": ""}]
+    plain = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    assert plain.status_code < 500, plain.text
+    probed = http.post("/v1/chat/completions", json={
+        "messages": messages, "max_tokens": 2, "steering": {"diffadapt": {"probe": "default"}}})
+    assert probed.status_code == 400 and probed.json()["error"]["param"] == "messages"
+
+
 @pytest.mark.parametrize("kind", ["vectors", "probes"])
 @pytest.mark.parametrize("name, status", [
     ("%2e%2e", 400), ("..", 400), (".hidden", 400), ("a%00b", 400), ("%00", 400),
