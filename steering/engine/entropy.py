@@ -28,9 +28,6 @@ class EntropyProcessor(RowStateProcessor[TelemetryRow[float]]):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         super().__init__(vllm_config, device, is_pin_memory)
         self._publisher = publisher(vllm_config)
-        self._index = torch.empty(0, dtype=torch.long)
-        self._temperature = torch.empty(0)
-        self._ordered: list[TelemetryRow[float]] = []
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -47,20 +44,12 @@ class EntropyProcessor(RowStateProcessor[TelemetryRow[float]]):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
             return logits
-        if self.changed:
-            rows = sorted(self.rows)
-            self._ordered = [self.rows[r] for r in rows]
-            self._index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-            self._temperature = torch.tensor(
-                [row.setting for row in self._ordered], dtype=torch.float32
-            ).to(logits.device)
-            self.changed = False
-        selected = logits if len(self._ordered) == logits.shape[0] else logits[self._index]
-        entropy, varentropy = entropy_varentropy(selected, self._temperature)
+        batch = self.batch(logits.device)
+        temperature = batch.cached("temperature", lambda: torch.tensor(
+            [row.setting for row in batch.states], dtype=torch.float32).to(logits.device))
+        entropy, varentropy = entropy_varentropy(batch.select(logits), temperature)
         values = torch.stack((entropy, varentropy)).cpu().tolist()
-        ordered = self._ordered
         self._publisher.publish(StepTelemetry(
-            ids=[row.steer_id for row in ordered],
-            positions=[len(row.output_token_ids) for row in ordered],
+            ids=[row.steer_id for row in batch.states], positions=batch.positions(),
             entropy=values[0], varentropy=values[1]))
         return logits

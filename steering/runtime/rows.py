@@ -41,18 +41,58 @@ def steer_id(params: SamplingParams) -> str:
 RowState = TypeVar("RowState")
 
 
+class RowBatch(Generic[RowState]):
+    """A processor's rows in batch order, as one step's batched work takes them: their batch
+    indices (a list and a tensor), their states, and tensors derived from them (`cached`),
+    all valid until the row set changes."""
+
+    def __init__(self, indices: list[int], states: list[RowState], device: torch.device):
+        self.indices, self.states = indices, states
+        self.index = torch.tensor(indices, dtype=torch.long, device=device)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def cached(self, name: str, build) -> torch.Tensor:
+        """The tensor `build()` makes from these rows, built once per row set."""
+        value = self._cache.get(name)
+        if value is None:
+            value = self._cache[name] = build()
+        return value
+
+    def select(self, logits: torch.Tensor) -> torch.Tensor:
+        """These rows' logits: the tensor itself when every row of the step is one of them."""
+        return logits if len(self.indices) == logits.shape[0] else logits[self.index]
+
+    def put(self, logits: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """`selected` (from `select`) written back into `logits`; returns `logits`."""
+        if selected is not logits:
+            logits[self.index] = selected
+        return logits
+
+    def positions(self) -> list[int]:
+        """Each row's position: the index of the token being sampled (its output so far)."""
+        return [len(state.output_token_ids) for state in self.states]
+
+
 class RowStateProcessor(LogitsProcessor, Generic[RowState]):
     """A logits processor with optional per-row state, tracking vLLM's batch updates.
 
     Subclasses say which state a request needs (`row_state`, None = not involved) and get
-    `self.rows` (batch index -> state) plus `self.changed`, set whenever the row set changed so
-    that cached index tensors can be rebuilt lazily in `apply`.
+    `self.rows` (batch index -> state) and `batch()`, the rows in order, rebuilt only when the
+    row set changed (`self.changed`).
     """
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool):
         self.device = device
         self.rows: dict[int, RowState] = {}
         self.changed = False
+        self._batch: RowBatch[RowState] | None = None
+
+    def batch(self, device: torch.device) -> RowBatch[RowState]:
+        if self.changed or self._batch is None:
+            indices = sorted(self.rows)
+            self._batch = RowBatch(indices, [self.rows[i] for i in indices], device)
+            self.changed = False
+        return self._batch
 
     @abstractmethod
     def row_state(self, params: SamplingParams, prompt_token_ids: list[int] | None,

@@ -87,9 +87,6 @@ class GateProcessor(RowStateProcessor[TelemetryRow[GatedSetting]]):
         self.stages = STAGES
         self.table = GateTable(capacity, device, STAGES)
         self.east_gate = np.full(capacity, -1, dtype=np.int64)
-        self._index = torch.empty(0, dtype=torch.long)
-        self._rows: list[int] = []
-        self._ordered: list[TelemetryRow[GatedSetting]] = []
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -125,24 +122,17 @@ class GateProcessor(RowStateProcessor[TelemetryRow[GatedSetting]]):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
             return logits
-        if self.changed:
-            self._rows = sorted(self.rows)
-            self._ordered = [self.rows[r] for r in self._rows]
-            self._index = torch.tensor(self._rows, dtype=torch.long, device=logits.device)
-            self.changed = False
-        ordered = self._ordered
-        positions = [len(row.output_token_ids) for row in ordered]
-        every_row = len(ordered) == logits.shape[0]
-        selected = logits if every_row else logits[self._index]
+        batch = self.batch(logits.device)
+        positions = batch.positions()
+        selected = batch.select(logits)
         decision = self.table.step(
-            self._index, torch.tensor(positions, dtype=torch.long, device=logits.device),
+            batch.index, torch.tensor(positions, dtype=torch.long, device=logits.device),
             selected)
         sample_chain(selected, decision, self.stages)
-        if not every_row:
-            logits[self._index] = selected
+        batch.put(logits, selected)
         bits = 1 << torch.arange(MAX_GATES, device=logits.device)
         east = decision.east_gate.cpu()
-        self.east_gate[self._rows] = east.numpy()
+        self.east_gate[batch.indices] = east.numpy()
         if self._publisher is not None:
             entropy = torch.stack((decision.entropy, decision.varentropy)).cpu().tolist()
             columns = (decision.temperature.unsqueeze(1),
@@ -151,7 +141,7 @@ class GateProcessor(RowStateProcessor[TelemetryRow[GatedSetting]]):
                        decision.east_gate.unsqueeze(1), decision.signals)
             values = torch.cat([c.double() for c in columns], 1)
             self._publisher.publish(StepTelemetry(
-                ids=[row.steer_id for row in ordered], positions=positions,
+                ids=[row.steer_id for row in batch.states], positions=positions,
                 entropy=entropy[0], varentropy=entropy[1], method=NAME,
                 values=values.cpu().tolist()))
         return logits

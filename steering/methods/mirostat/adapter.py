@@ -126,27 +126,24 @@ class MirostatProcessor(RowStateProcessor[MirostatRow]):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
             return logits
-        indices = sorted(self.rows)
-        ordered = [self.rows[i] for i in indices]
-        self._settle(ordered)
+        batch = self.batch(logits.device)
+        self._settle(batch.states)
         if self._drawn.shape[1] != logits.shape[1]:
             self._drawn = self._drawn.new_zeros(self._mu.numel(), logits.shape[1])
-        slots = torch.tensor([r.slot for r in ordered], device=logits.device)
-        every_row = len(ordered) == logits.shape[0]
-        index = None if every_row else torch.tensor(indices, device=logits.device)
-        selected = logits if every_row else logits[index]
+        slots = batch.cached("slots", lambda: torch.tensor([r.slot for r in batch.states],
+                                                           device=logits.device))
+        selected = batch.select(logits)
         mu = self._mu[slots]
         keep, drawn = truncate(selected, mu)
         selected.masked_fill_(~keep, float("-inf"))
-        if not every_row:
-            logits[index] = selected
+        batch.put(logits, selected)
         self._drawn[slots] = drawn
-        positions = [len(r.output_token_ids) for r in ordered]
-        for r, position in zip(ordered, positions):
+        positions = batch.positions()
+        for r, position in zip(batch.states, positions):
             r.drawn_at = position
         if self._publisher is not None:
             values = torch.stack((mu.double(), keep.sum(-1).double()), 1).cpu().tolist()
-            self._publisher.publish(StepTelemetry(ids=[r.steer_id for r in ordered],
+            self._publisher.publish(StepTelemetry(ids=[r.steer_id for r in batch.states],
                                                   positions=positions, method=NAME,
                                                   values=values))
         return logits

@@ -35,9 +35,6 @@ class TopNSigmaProcessor(RowStateProcessor[TelemetryRow[float]]):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         super().__init__(vllm_config, device, is_pin_memory)
         self._publisher = publisher(vllm_config)
-        self._index = torch.empty(0, dtype=torch.long)
-        self._n = torch.empty(0)
-        self._ordered: list[TelemetryRow[float]] = []
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -58,23 +55,15 @@ class TopNSigmaProcessor(RowStateProcessor[TelemetryRow[float]]):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
             return logits
-        if self.changed:
-            rows = sorted(self.rows)
-            self._ordered = [self.rows[r] for r in rows]
-            self._index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-            self._n = torch.tensor([row.setting for row in self._ordered], dtype=torch.float32,
-                                   device=logits.device)
-            self.changed = False
-        every_row = len(self._ordered) == logits.shape[0]
-        selected = logits if every_row else logits[self._index]
-        removed = top_nsigma_removed(selected, self._n)
-        selected.masked_fill_(removed, float("-inf"))
-        if not every_row:
-            logits[self._index] = selected
+        batch = self.batch(logits.device)
+        n = batch.cached("n", lambda: torch.tensor([row.setting for row in batch.states],
+                                                   dtype=torch.float32, device=logits.device))
+        selected = batch.select(logits)
+        selected.masked_fill_(top_nsigma_removed(selected, n), float("-inf"))
+        batch.put(logits, selected)
         if self._publisher is not None:
             kept = torch.isfinite(selected).sum(-1, keepdim=True)
             self._publisher.publish(StepTelemetry(
-                ids=[row.steer_id for row in self._ordered],
-                positions=[len(row.output_token_ids) for row in self._ordered],
+                ids=[row.steer_id for row in batch.states], positions=batch.positions(),
                 method=NAME, values=kept.double().cpu().tolist()))
         return logits

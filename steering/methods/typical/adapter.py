@@ -25,11 +25,6 @@ def check_mass(value) -> float:
 
 
 class TypicalProcessor(RowStateProcessor[float]):
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-        super().__init__(vllm_config, device, is_pin_memory)
-        self._index = torch.empty(0, dtype=torch.long)
-        self._mass = torch.empty(0)
-
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         value = settings_of(sampling_params, NAME)
@@ -49,14 +44,7 @@ class TypicalProcessor(RowStateProcessor[float]):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
             return logits
-        if self.changed:
-            rows = sorted(self.rows)
-            self._index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-            self._mass = torch.tensor(
-                [self.rows[r] for r in rows], dtype=torch.float32, device=logits.device
-            )
-            self.changed = False
-        if len(self.rows) == logits.shape[0]:
-            return apply_typical(logits, self._mass)
-        logits[self._index] = apply_typical(logits[self._index], self._mass)
-        return logits
+        batch = self.batch(logits.device)
+        mass = batch.cached("mass", lambda: torch.tensor(batch.states, dtype=torch.float32,
+                                                         device=logits.device))
+        return batch.put(logits, apply_typical(batch.select(logits), mass))
