@@ -11,7 +11,7 @@ import pytest
 
 from tests.e2e.batching import same, solo_and_together
 from tests.e2e.test_gates import hf_logits
-from tests.prometheus import metric
+from tests.e2e.test_metrics import Increments
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "Once upon a time"
@@ -133,11 +133,7 @@ def test_what_it_cannot_do_is_a_400_naming_the_field(http, body, param):
 
 
 def test_it_counts_in_the_metrics(http):
-    before = http.get("/metrics").text
-    choice = complete(http, temperature=1.0, seed=9, max_tokens=16, mirostat=2)
-    after = http.get("/metrics").text
-    tokens = len(choice["token_ids"])
-    for name, labels, want in (
-            ("steer_mirostat_mu_bits_count", {"model": MODEL}, tokens),
-            ("steer_requests_total", {"model": MODEL, "method": "mirostat"}, 1)):
-        assert metric(after, name, **labels) - metric(before, name, **labels) == want, name
+    with Increments(http) as added:
+        choice = complete(http, temperature=1.0, seed=9, max_tokens=16, mirostat=2)
+    assert added("steer_mirostat_mu_bits_count") == len(choice["token_ids"])
+    assert added("steer_requests_total", method="mirostat") == 1

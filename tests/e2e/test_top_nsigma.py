@@ -11,7 +11,7 @@ from transformers.generation.logits_process import TypicalLogitsWarper
 
 from tests.e2e.batching import same, solo_and_together
 from tests.e2e.test_gates import hf_logits
-from tests.prometheus import metric
+from tests.e2e.test_metrics import Increments
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The weather today is"
@@ -144,12 +144,9 @@ def test_a_negative_alias_is_off_and_bad_values_are_400s(http):
 
 
 def test_it_counts_in_the_metrics(http):
-    before = http.get("/metrics").text
-    choice = complete(http, temperature=1.0, seed=9, max_tokens=16, steering=nsigma(1.5))
-    after = http.get("/metrics").text
+    with Increments(http) as added:
+        choice = complete(http, temperature=1.0, seed=9, max_tokens=16, steering=nsigma(1.5))
     tokens = len(choice["token_ids"])
-    for name, labels, want in (
-            ("steer_top_nsigma_kept_tokens_count", {"model": MODEL}, tokens),
-            ("steer_requests_total", {"model": MODEL, "method": "top_nsigma"}, 1),
-            ("steer_token_entropy_nats_count", {"model": MODEL, "method": "top_nsigma"}, tokens)):
-        assert metric(after, name, **labels) - metric(before, name, **labels) == want, name
+    assert added("steer_top_nsigma_kept_tokens_count") == tokens
+    assert added("steer_requests_total", method="top_nsigma") == 1
+    assert added("steer_token_entropy_nats_count", method="top_nsigma") == tokens
