@@ -203,8 +203,9 @@ class Method:
         return {}
 
     def read(self, request) -> Any | None:
-        """This method's options from a validated request (None: the request does not use
-        it); raises `InvalidRequest` for fields that contradict each other."""
+        """This method's options from a request (None: the request does not use it). It runs
+        while the request is validated: a ValueError (or an `InvalidRequest` naming a field)
+        for fields that contradict each other is the request's 400."""
         return None
 
     def check(self, options, request, plan) -> None:
@@ -240,6 +241,7 @@ class Method:
         return settings
 
     def needs(self, settings) -> Needs:
+        """The engine resources a choice with these settings holds while it runs."""
         return Needs()
 
     def encode(self, settings, params, slots: list[int], steering: Mapping[str, Any]) -> None:
