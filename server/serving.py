@@ -18,6 +18,7 @@ from typing import Any
 
 from server.errors import in_band_error
 from steering.errors import error_for_status
+from steering.methods.base import Outcome
 from steering.methods.plan import UNMEASURED_REPORT
 
 # Keys whose `null` OpenAI's schema allows (or vLLM's own `stop_reason`, where null means the
@@ -135,16 +136,23 @@ class ChoiceReports:
 
     def __init__(self, plan, session, n: int, metrics) -> None:
         self.plan, self.session, self.n, self.metrics = plan, session, n, metrics
+        self._outcomes: dict[int, Outcome] = {}
+
+    def _outcome(self, index: int) -> Outcome:
+        """A finished choice's outcome, gathered once for its report and its metrics."""
+        if index not in self._outcomes:
+            self._outcomes[index] = self.session.outcome(index, self.n)
+        return self._outcomes[index]
 
     def report(self, index: int) -> dict:
         if self.session.record(index) is None:  # a beam of vLLM's beam search
             return dict(UNMEASURED_REPORT)
-        return self.plan.report(self.session.outcome(index, self.n))
+        return self.plan.report(self._outcome(index))
 
     def finished(self, index: int) -> None:
         """Choice `index` ended: into the metrics (once)."""
         if self.session.record(index) is not None:
-            self.metrics.observe_choice(self.plan, self.session.outcome(index, self.n))
+            self.metrics.observe_choice(self.plan, self._outcome(index))
 
     def request_finished(self, now: float) -> None:
         firsts = [r.first_token_at for r in self.session.choices.values() if r.first_token_at]
