@@ -144,8 +144,8 @@ async def _served(dialect: Dialect, state: ServerState, body: GenerationRequest,
 
 async def _orchestrated(dialect: Dialect, state: ServerState, body: GenerationRequest,
                         plan: Plan, orchestrator: Method, request: Request) -> Response:
-    """A request a method answers itself: its answer as the one choice; streamed as one
-    progress chunk per event, then the answer."""
+    """A request a method answers itself: its answers as the choices; streamed as one
+    progress chunk per event, then the choices."""
     prompts = await dialect.prompt_ids(state.serving, body)
     if len(prompts) != 1:
         raise InvalidRequest(f"{orchestrator.param} takes one prompt", "prompt")
@@ -156,7 +156,7 @@ async def _orchestrated(dialect: Dialect, state: ServerState, body: GenerationRe
               state=state.method_states.get(orchestrator.name), prompt_ids=prompt,
               sampling=_sampling(body), steering=plan.settings(state.engine,
                                                                state.method_states),
-              label=label)
+              label=label, choices=body.n or 1)
     events = orchestrator.answer(plan.used[orchestrator.name], job)
     arrival = time.monotonic()
     metrics.count_request(plan)
@@ -166,21 +166,21 @@ async def _orchestrated(dialect: Dialect, state: ServerState, body: GenerationRe
         return {"id": rid, "object": dialect.chunk_object if stream else dialect.object,
                 "created": created, "model": state.model_name, "choices": choices}
 
-    def finished(answer: Answer) -> dict:
-        """The choice's fields beside its text; records the request's metrics."""
+    def finished(index: int, answer: Answer) -> dict:
+        """The choice's fields beside its text; records its metrics."""
         outcome = Outcome(settings=job.steering, tokens=len(answer.token_ids),
                           steered_tokens=len(answer.token_ids), entropy=answer.entropy,
                           varentropy=answer.varentropy,
                           collected={orchestrator.name: answer.section})
         metrics.observe_choice(plan, outcome)
-        metrics.e2e.labels(*label).observe(time.monotonic() - arrival)
-        return {"index": 0, "logprobs": None, "finish_reason": answer.finish_reason,
+        return {"index": index, "logprobs": None, "finish_reason": answer.finish_reason,
                 "steering": plan.report(outcome),
                 **({"token_ids": answer.token_ids} if body.return_token_ids else {})}
 
-    def usage(answer: Answer) -> dict:
-        return {"prompt_tokens": len(prompt), "completion_tokens": answer.generated_tokens,
-                "total_tokens": len(prompt) + answer.generated_tokens}
+    def usage(answers: list[Answer]) -> dict:
+        generated = answers[0].generated_tokens
+        return {"prompt_tokens": len(prompt), "completion_tokens": generated,
+                "total_tokens": len(prompt) + generated}
 
     async def counted(work):
         try:
@@ -191,11 +191,12 @@ async def _orchestrated(dialect: Dialect, state: ServerState, body: GenerationRe
 
     if body.stream:
         async def chunks() -> AsyncIterator[str]:
+            answers: list[Answer] = []
             try:
                 async for event in events:
                     if isinstance(event, Answer):
-                        answer = event
-                        break
+                        answers.append(event)
+                        continue
                     yield _event({**envelope([], True),
                                   "steering": {orchestrator.name: {"progress": event.data}}})
             except asyncio.CancelledError:
@@ -208,26 +209,28 @@ async def _orchestrated(dialect: Dialect, state: ServerState, body: GenerationRe
                 return
             finally:
                 await events.aclose()
-            choice = {**dialect.choice_text(answer.text, True), **finished(answer)}
-            yield _event(envelope([choice], True))
+            for index, answer in enumerate(answers):
+                choice = {**dialect.choice_text(answer.text, True), **finished(index, answer)}
+                yield _event(envelope([choice], True))
+            metrics.e2e.labels(*label).observe(time.monotonic() - arrival)
             if body.stream_options and body.stream_options.include_usage:
-                yield _event({**envelope([], True), "usage": usage(answer)})
+                yield _event({**envelope([], True), "usage": usage(answers)})
             yield "data: [DONE]\n\n"
         return _event_stream(chunks())
 
-    answer = await _cancel_on_disconnect(request, counted(_last(events)))
-    choice = tidy_choice({**dialect.choice_text(answer.text, False), **finished(answer)})
+    answers = await _cancel_on_disconnect(request, counted(_answers(events)))
+    choices = [tidy_choice({**dialect.choice_text(answer.text, False),
+                            **finished(index, answer)}) for index, answer in enumerate(answers)]
+    metrics.e2e.labels(*label).observe(time.monotonic() - arrival)
     if body.return_token_ids:
-        choice["prompt_token_ids"] = prompt
-    return JSONResponse({**envelope([choice], False), "usage": usage(answer)})
+        for choice in choices:
+            choice["prompt_token_ids"] = prompt
+    return JSONResponse({**envelope(choices, False), "usage": usage(answers)})
 
 
-async def _last(events: AsyncIterator):
-    """An orchestration's answer (its last event)."""
-    answer = None
-    async for answer in events:
-        pass
-    return answer
+async def _answers(events: AsyncIterator) -> list[Answer]:
+    """An orchestration's answers (the events after its progress)."""
+    return [event async for event in events if isinstance(event, Answer)]
 
 
 def _or(value, default):
@@ -246,6 +249,7 @@ def _sampling(request: GenerationRequest) -> Sampling:
         frequency_penalty=_or(request.frequency_penalty, 0.0),
         repetition_penalty=_or(request.repetition_penalty, 1.0),
         seed=request.seed,
+        stop=tuple(request.stop_list),
         ignore_eos=request.ignore_eos,
     )
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from steering.errors import InvalidRequest
 from steering.runtime.keys import method_key
 
 if TYPE_CHECKING:
@@ -133,11 +134,23 @@ class Services:
         return self.metrics.meters.get(name)
 
 
+# The request fields an orchestration honours (the route reads them into `Job.sampling` and
+# the answer's envelope), besides the aliases of the methods that run in its engine requests;
+# any other field set is a 400, never dropped.
+ORCHESTRATION_FIELDS = frozenset({
+    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "n", "stream",
+    "stream_options", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "seed", "ignore_eos", "return_token_ids",
+    "steering", "user", "metadata", "store", "service_tier", "request_id", "stop",
+    "logprobs", "top_logprobs", "echo", "add_generation_prompt", "priority",
+})
+
+
 @dataclass(frozen=True)
 class Job:
     """What an orchestrating method's `answer` works with: the engine, its own meters and
     server state, the prompt, the request's sampling, the other methods' in-engine settings
-    (for its engine requests) and the metric labels."""
+    (for its engine requests), the metric labels and the choices the request asks for (`n`)."""
 
     engine: Any
     meters: Any
@@ -146,6 +159,7 @@ class Job:
     sampling: Sampling
     steering: Mapping[str, Any]
     label: tuple[str, str]
+    choices: int = 1
 
 
 @dataclass(frozen=True)
@@ -165,7 +179,7 @@ class Answer:
     varentropy: list[float | None]
     finish_reason: str
     section: dict  # the method's report section
-    generated_tokens: int  # every token it generated, for `usage`
+    generated_tokens: int  # every token the run generated, for `usage` (the same on each choice)
 
 
 class Method:
@@ -179,7 +193,7 @@ class Method:
     worker_part: ClassVar[type | None] = None  # its per-step layer work in the worker
     stage: ClassVar[Stage | None] = None  # a truncation step gates can switch and chain
     takes_over_sampling: ClassVar[bool] = False  # its processor applies the row's own chain
-    with_particles: ClassVar[bool] = True  # a multi-pass orchestration may run it in its steps
+    in_orchestration: ClassVar[bool] = True  # an orchestration may run it in its engine requests
     orchestrates: ClassVar[bool] = False  # it answers the request itself (`answer`)
 
     @property
@@ -285,6 +299,24 @@ class Method:
 
     def answer(self, options, job: Job) -> AsyncIterator[Progress | Answer]:
         """The whole answer of a request this method orchestrates (`orchestrates`): progress
-        events, then the answer. Checks that can fail raise here, before any event (so that a
-        stream's status is still theirs)."""
+        events, then one answer per choice. Checks that can fail raise here, before any event
+        (so that a stream's status is still theirs)."""
         raise NotImplementedError
+
+    def check_orchestration(self, request, plan) -> None:
+        """What an orchestrating method refuses, whatever it does: request fields its engine
+        requests do not honour, and methods that cannot run in them."""
+        allowed = ORCHESTRATION_FIELDS.union(*(m.request_fields() for m in plan.methods_used
+                                               if m.in_orchestration))
+        unsupported = sorted(set(request.model_fields_set) - allowed)
+        if unsupported:
+            raise InvalidRequest(f"{self.param} does not combine with {', '.join(unsupported)} "
+                                 "(it runs its own engine requests)", unsupported[0])
+        if request.logprobs not in (None, False) or getattr(request, "echo", False):
+            field = "echo" if getattr(request, "echo", False) else "logprobs"
+            raise InvalidRequest(f"{field} is not available with {self.param}", field)
+        others = [m.param for m in plan.methods_used
+                  if not m.in_orchestration and m is not self]
+        if others:
+            raise InvalidRequest(f"{self.param} does not combine with {', '.join(others)}",
+                                 self.param)

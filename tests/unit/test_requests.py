@@ -112,7 +112,7 @@ def test_plan_reads_every_method_once_and_reports_each():
     assert steering["typical"] == 0.5 and steering["east"][0].vector == "v"
     assert steering["hidden_states"] == ((3,), True)
     assert steering["vreason"].every == 3
-    assert [m.param for m in plan.methods_used if not m.with_particles] == [
+    assert [m.param for m in plan.methods_used if not m.in_orchestration] == [
         "steering.vreason", "steering.return_hidden_states"]
     ran = {**steering, "east": (replace(steering["east"][0], layers=(7,)),)}
     report = plan.report(Outcome(ran, entropy=[1.0, None], varentropy=[2.0, None], collected={
@@ -140,7 +140,7 @@ def test_the_gates_report_reads_each_tokens_gate_step():
                       "east": {"vector": "v", "scale": 3.0}}}]}})
     plan = Plan.of(request)
     assert plan.methods == ("dynatemp", "gates")
-    assert all(m.with_particles for m in plan.methods_used)
+    assert all(m.in_orchestration for m in plan.methods_used)
     # per token, as the gate processor sends it: temperature, fired and on (bit g: gate g),
     # the gate whose EAST action steers the next token, each gate's signal
     values = [[0.3, 0b01, 0b01, -1, 2.5, 0.4], [0.3, 0b10, 0b11, 1, 1.5, 0.2],

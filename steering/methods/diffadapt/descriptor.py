@@ -69,7 +69,7 @@ class DiffAdaptReport(ReportModel):
 class DiffAdapt(Method):
     name = "diffadapt"
     report_model = DiffAdaptReport
-    with_particles = False
+    in_orchestration = False
 
     def fields(self):
         return {"diffadapt": (DiffAdaptOptions | None, None)}

@@ -17,7 +17,7 @@ class HiddenStates(Method):
     name = NAME
     report_model = dict[str, list[float]]  # by layer index, and "final"
     listed = False
-    with_particles = False
+    in_orchestration = False
     processor = CaptureRows
     worker_part = HiddenStatesPart
 

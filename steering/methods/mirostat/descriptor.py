@@ -60,7 +60,7 @@ class Mirostat(Method):
     name = NAME
     report_model = MirostatReport
     processor = MirostatProcessor
-    with_particles = False  # each particle step is its own engine request: μ would restart
+    in_orchestration = False  # each particle step is its own engine request: μ would restart
 
     def fields(self):
         return {"mirostat": (MirostatOptions | None, None)}

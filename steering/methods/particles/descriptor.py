@@ -70,17 +70,6 @@ class ParticlesReport(ReportModel):
     progress: StepReport | None = None
 
 
-# The request fields the particle filter honours, besides the aliases of the methods that run
-# in its steps; any other field set is a 400, never dropped.
-PARTICLE_FIELDS = frozenset({
-    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "n", "stream",
-    "stream_options", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "seed", "ignore_eos", "return_token_ids",
-    "steering", "user", "metadata", "store", "service_tier", "request_id",
-    "logprobs", "top_logprobs", "stop", "echo", "add_generation_prompt", "priority",
-})
-
-
 @dataclass(frozen=True)
 class ParticleMeters:
     ess: object
@@ -93,6 +82,7 @@ class Particles(Method):
     name = "particles"
     report_model = ParticlesReport
     orchestrates = True
+    in_orchestration = False
 
     def fields(self):
         return {"particles": (ParticleOptions | None, None)}
@@ -145,20 +135,7 @@ class Particles(Method):
                                  f"{self.param}.n; n must be 1", "n")
         if request.stop_list:
             raise InvalidRequest(f"with {self.param}, use {self.param}.stop", "stop")
-        if request.logprobs not in (None, False) or getattr(request, "echo", False):
-            field = "echo" if getattr(request, "echo", False) else "logprobs"
-            raise InvalidRequest(f"{field} is not available with {self.param}", field)
-        allowed = PARTICLE_FIELDS.union(*(m.request_fields() for m in plan.methods_used
-                                          if m.with_particles))
-        unsupported = sorted(set(request.model_fields_set) - allowed)
-        if unsupported:
-            raise InvalidRequest(f"{self.param} does not combine with {', '.join(unsupported)}"
-                                 " (the particle filter runs its own engine requests step by "
-                                 "step)", unsupported[0])
-        others = [m.param for m in plan.methods_used if not m.with_particles]
-        if others:
-            raise InvalidRequest(f"{self.param} does not combine with {', '.join(others)}",
-                                 self.param)
+        self.check_orchestration(request, plan)
 
     def sequences(self, options: ParticleOptions, requested: int) -> int:
         return options.n

@@ -70,7 +70,7 @@ class VReason(Method):
     report_model = VReasonReport
     processor = VReasonProcessor
     worker_part = ValueCacheTuner
-    with_particles = False
+    in_orchestration = False
 
     def fields(self):
         return {"vreason": (VReasonOptions | None, None)}
