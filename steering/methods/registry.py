@@ -14,6 +14,7 @@ from __future__ import annotations
 from pydantic import Field, create_model
 
 from steering.methods.base import Method, StrictModel
+from steering.methods.deepconf.descriptor import DeepConf
 from steering.methods.diffadapt.descriptor import DiffAdapt
 from steering.methods.east.descriptor import East
 from steering.methods.gates.descriptor import Dynatemp, Gates
@@ -26,6 +27,7 @@ from steering.methods.vreason.descriptor import VReason
 
 METHODS: tuple[Method, ...] = (
     DiffAdapt(),
+    DeepConf(),
     TopNSigma(),
     Typical(),
     Mirostat(),
