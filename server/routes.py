@@ -110,10 +110,7 @@ async def _served(dialect: Dialect, state: ServerState, body: GenerationRequest,
                              "steering method or entropy trace reaches", "use_beam_search")
     steering = plan.settings(state.engine, state.method_states)
     session = state.engine.client.open_session(steering, bool(body.stream) and plan.return_entropy)
-    for method in plan.methods_used:  # each method's pass before generation, if it has one
-        conversation = dialect.conversation(body, state.serving, state.engine)
-        body = await method.prepare(plan.used[method.name], conversation, session,
-                                    state.method_states.get(method.name))
+    body = await _prepared(dialect, state, body, plan, session)
     body.bind(session)
     reports = ChoiceReports(plan, session, body.n or 1, metrics)
     metrics.count_request(plan)
@@ -142,21 +139,36 @@ async def _served(dialect: Dialect, state: ServerState, body: GenerationRequest,
     return _event_stream(events())
 
 
+async def _prepared(dialect: Dialect, state: ServerState, body: GenerationRequest, plan: Plan,
+                    session) -> GenerationRequest:
+    """The request after each method's pass before generation, if it has one (which may set
+    each prompt's sampling and outcomes in `session`)."""
+    for method in plan.methods_used:
+        conversation = dialect.conversation(body, state.serving, state.engine)
+        body = await method.prepare(plan.used[method.name], conversation, session,
+                                    state.method_states.get(method.name))
+    return body
+
+
 async def _orchestrated(dialect: Dialect, state: ServerState, body: GenerationRequest,
                         plan: Plan, orchestrator: Method, request: Request) -> Response:
     """A request a method answers itself: its answers as the choices; streamed as one
-    progress chunk per event, then the choices."""
+    progress chunk per event, then the choices. The passes before generation run first; the
+    sampling they set for the prompt is the orchestration's."""
+    steering = plan.settings(state.engine, state.method_states)
+    session = state.engine.client.open_session(steering, False)
+    body = await _prepared(dialect, state, body, plan, session)
     prompts = await dialect.prompt_ids(state.serving, body)
     if len(prompts) != 1:
         raise InvalidRequest(f"{orchestrator.param} takes one prompt", "prompt")
     prompt = prompts[0]
     metrics = state.metrics
     label = (state.model_name, plan.label)
+    override = session.overrides.get(0)
+    sampling = override.applied(_sampling(body)) if override else _sampling(body)
     job = Job(engine=state.engine, meters=metrics.meters.get(orchestrator.name),
               state=state.method_states.get(orchestrator.name), prompt_ids=prompt,
-              sampling=_sampling(body), steering=plan.settings(state.engine,
-                                                               state.method_states),
-              label=label, choices=body.n or 1)
+              sampling=sampling, steering=steering, label=label, choices=body.n or 1)
     events = orchestrator.answer(plan.used[orchestrator.name], job)
     arrival = time.monotonic()
     metrics.count_request(plan)
@@ -170,8 +182,9 @@ async def _orchestrated(dialect: Dialect, state: ServerState, body: GenerationRe
         """The choice's fields beside its text; records its metrics."""
         outcome = Outcome(settings=job.steering, tokens=len(answer.token_ids),
                           steered_tokens=len(answer.token_ids), entropy=answer.entropy,
-                          varentropy=answer.varentropy,
-                          collected={orchestrator.name: answer.section})
+                          varentropy=answer.varentropy, values=answer.values,
+                          collected={orchestrator.name: answer.section},
+                          prompt=session.prompt_outcomes.get(0, {}))
         metrics.observe_choice(plan, outcome)
         return {"index": index, "logprobs": None, "finish_reason": answer.finish_reason,
                 "steering": plan.report(outcome),

@@ -13,11 +13,11 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from steering.framing import Continuation
-from steering.methods.base import Outcome
+from steering.methods.base import Outcome, Sampling
 from steering.runtime.telemetry import EntropyTrace
 
 SESSION_KEY = "steer_session"  # str: the HTTP request's steering session
@@ -64,6 +64,12 @@ class PromptOverride:
     top_p: float | None = None
     max_tokens: int | None = None
     continuation: Continuation | None = None  # for a choice that `max_tokens` cuts off
+
+    def applied(self, sampling: Sampling) -> Sampling:
+        """An orchestration's sampling with these changes (it runs no continuation)."""
+        changes = {"temperature": self.temperature, "top_p": self.top_p,
+                   "max_tokens": self.max_tokens}
+        return replace(sampling, **{k: v for k, v in changes.items() if v is not None})
 
 
 @dataclass

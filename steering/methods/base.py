@@ -180,6 +180,7 @@ class Answer:
     finish_reason: str
     section: dict  # the method's report section
     generated_tokens: int  # every token the run generated, for `usage` (the same on each choice)
+    values: Mapping[str, list] = field(default_factory=dict)  # per-token values by method
 
 
 class Method:

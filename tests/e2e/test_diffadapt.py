@@ -479,3 +479,29 @@ def test_label_and_train_the_paper_recipe_with_the_cli(http, server, tmp_path, c
                        headers={"Authorization": f"Bearer {API_KEY}"}).json()
     assert stored["recipe"] == "paper" and stored["width"] == 8
     probe_main([*keys, "delete", "cli-paper"])
+
+
+def test_in_an_orchestration_every_trace_takes_the_strategy(http, probes):
+    """DeepConf's traces are each the plain request with the strategy's prompt, temperature
+    and budget (and the trace's seed); without `continuation: false` it is a 400."""
+    override = {"hard": {"prompt": "Question: {question}\nReply with the number only.",
+                         "temperature": 0.7, "budget": 0.25}}
+    diffadapt = {"probe": "always-hard", "strategies": override, "continuation": False}
+    sampling = {"max_tokens": 32, "seed": 7, "top_p": 1.0, "top_k": -1}
+    choices = chat(http, QUESTIONS[1], n=3, **sampling, steering={
+        "diffadapt": diffadapt, "deepconf": {"mode": "offline", "budget": 3, "keep": 1.0}})
+    report = choices[0]["steering"]
+    assert report["methods"] == ["deepconf", "diffadapt"]
+    assert report["diffadapt"]["difficulty"] == "hard"
+    assert report["diffadapt"]["strategy"]["max_tokens"] == 8
+    wrapped = override["hard"]["prompt"].replace("{question}", QUESTIONS[1])
+    for choice in choices:
+        trace = choice["steering"]["deepconf"]["chosen"]
+        plain = chat(http, wrapped, **{**sampling, "max_tokens": 8, "seed": 7 + trace},
+                     temperature=0.7)[0]
+        assert choice["prompt_token_ids"] == plain["prompt_token_ids"]
+        assert choice["token_ids"] == plain["token_ids"], trace
+    r = http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": QUESTIONS[1]}], "max_tokens": 8,
+        "steering": {"diffadapt": {"probe": "always-hard"}, "deepconf": {"budget": 4}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "steering.diffadapt.continuation"

@@ -246,7 +246,7 @@ def test_metrics(http, server):
     ({"steering": {"particles": {"n": 2}}, "stop": ["x"]}, "stop"),
     ({"steering": {"particles": {"n": 2}}, "logprobs": True}, "logprobs"),
     ({"steering": {"particles": {"n": 2}, "diffadapt": {"probe": "default"}}},
-     "steering.particles"),
+     "steering.diffadapt.continuation"),  # its continuation would not run in the steps
     ({"steering": {"particles": {"n": 2}, "return_hidden_states": [1]}}, "steering.particles"),
 ])
 def test_bad_particle_requests(http, body, param):

@@ -69,7 +69,6 @@ class DiffAdaptReport(ReportModel):
 class DiffAdapt(Method):
     name = "diffadapt"
     report_model = DiffAdaptReport
-    in_orchestration = False
 
     def fields(self):
         return {"diffadapt": (DiffAdaptOptions | None, None)}
@@ -94,6 +93,15 @@ class DiffAdapt(Method):
 
     def read(self, request) -> DiffAdaptOptions | None:
         return request.steering.diffadapt if request.steering else None
+
+    def check(self, options: DiffAdaptOptions, request, plan) -> None:
+        """In an orchestration its strategy frames the prompt and sets the sampling of every
+        engine request; a continuation would need each of them continued: refused."""
+        orchestrator = plan.orchestrator
+        if orchestrator is not None and options.continuation is not False:
+            raise InvalidRequest(f"with {orchestrator.param}, set {self.param}.continuation "
+                                 "to false (an orchestration's engine requests are not "
+                                 "continued after their budget)", f"{self.param}.continuation")
 
     def metrics(self, registry):
         from prometheus_client import Counter
