@@ -206,11 +206,13 @@ class Engine:
                         yield output
 
     async def generate(self, prompt_token_ids: list[int], sampling: Sampling,
-                       steering: Mapping[str, Any] | None = None
+                       steering: Mapping[str, Any] | None = None, *, deltas: bool = True
                        ) -> AsyncIterator[ChoiceDelta]:
         """One choice for a multi-pass method's orchestration: `sampling` as `admit` returns
         it, each method's in-engine `steering`. Deltas carry the entropy that has arrived; the
-        last one waits for all of it and carries the trace and what the methods collected."""
+        last one waits for all of it and carries the trace and what the methods collected.
+        Without `deltas` the engine sends the choice once, when it ends (no per-token work in
+        this process for a caller that needs only the end)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -224,7 +226,7 @@ class Engine:
             stop=list(sampling.stop) or None,
             include_stop_str_in_output=sampling.include_stop_str_in_output,
             ignore_eos=sampling.ignore_eos, extra_args={},
-            output_kind=RequestOutputKind.DELTA)
+            output_kind=RequestOutputKind.DELTA if deltas else RequestOutputKind.FINAL_ONLY)
         record = ChoiceRecord(steering)
         start = 0
         async for output in self.choice({"prompt_token_ids": prompt_token_ids}, params,

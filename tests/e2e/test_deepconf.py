@@ -36,25 +36,33 @@ def traces_of(body: dict) -> list[dict]:
     return body["choices"][0]["steering"]["deepconf"]["traces"]
 
 
+GATE = {"signal": "entropy", "above": 1.0, "then": {"temperature": 0.2, "top_k": 3}}
+
+
+@pytest.mark.parametrize("steering,methods", [
+    ({"typical_p": 0.8, "steering": {"east": {"vector": "explore", "scale": 4.0}}},
+     ["deepconf", "east", "typical"]),
+    ({"steering": {"gates": [GATE]}}, ["deepconf", "gates"]),
+])
 def test_each_trace_is_the_plain_request_with_its_seed_and_keep_1_unweighted_is_majority(
-        http):
-    steering = {"typical_p": 0.8} | {"steering": {"east": {"vector": "explore", "scale": 4.0}}}
+        http, steering, methods):
     budget = 5
     body = complete(http, {"mode": "offline", "budget": budget, "keep": 1.0, "weighted": False},
                     n=budget, **steering)
     choices = body["choices"]
     plain = [complete(http, **{**steering, "seed": SAMPLING["seed"] + i})["choices"][0]
              for i in range(budget)]
-    unsteered = complete(http)["choices"][0]
-    assert plain[0]["token_ids"] != unsteered["token_ids"]  # the steering changes the trace
+    unsteered = [complete(http, seed=SAMPLING["seed"] + i)["choices"][0] for i in range(budget)]
+    assert [p["token_ids"] for p in plain] != [u["token_ids"] for u in unsteered]  # it acts
     report = choices[0]["steering"]
-    assert report["methods"] == ["deepconf", "east", "typical"]
-    assert report["typical"] == {"p": 0.8} and report["east"][0]["vector"] == "explore"
+    assert report["methods"] == methods
     by_index = {c["steering"]["deepconf"]["chosen"]: c for c in choices}
     assert sorted(by_index) == list(range(budget))  # n = budget: every trace is a choice
     for i, reference in enumerate(plain):
         assert by_index[i]["token_ids"] == reference["token_ids"], i
         assert by_index[i]["text"] == reference["text"], i
+        for name in methods[1:]:  # each trace reports the other methods as the plain one
+            assert not same(by_index[i]["steering"][name], reference["steering"][name]), name
     answers = [last_number(p["text"]) for p in plain]
     votes = Counter(a for a in answers if a is not None)
     deepconf = report["deepconf"]
@@ -174,3 +182,19 @@ def test_its_metrics_count_the_traces(http):
     assert added("steer_deepconf_traces_total", outcome="stopped", **labels) == 3
     assert added("steer_deepconf_traces_total", outcome="voted", **labels) == 0
     assert body["choices"][0]["steering"]["deepconf"]["saved_tokens"] >= 0
+
+
+def test_consensus_stops_starting_traces(http):
+    """With a bar that cuts nothing and one trace at a time, the first trace with an answer
+    holds the whole vote: no trace starts after it."""
+    body = complete(http, {"mode": "online", "budget": 6, "threshold": 0.0, "parallel": 1,
+                           "consensus": 0.5, "window": 8})
+    report = body["choices"][0]["steering"]["deepconf"]
+    traces = report["traces"]
+    answered = [t["index"] for t in traces if t["answer"] is not None]
+    assert answered, traces  # the bundled model writes a number for this prompt
+    assert report["consensus_reached"] and traces[-1]["index"] == answered[0]
+    assert len(traces) == answered[0] + 1 < 6 and not any(t["cancelled"] for t in traces)
+    assert report["answer"] == traces[-1]["answer"]
+    assert report["saved_tokens"] == report["estimated_full_tokens"] - report[
+        "generated_tokens"] > 0

@@ -25,6 +25,7 @@ GENERATION = {"/v1/completions", "/v1/chat/completions"}
 BUNDLED = {"explore", "default"}  # other tests use them: the fuzzer must not replace or delete
 LIMITS = {"max_tokens": 4, "max_completion_tokens": 4, "n": 2}
 STEERING_LIMITS = {"particles": {"n": 2, "max_steps": 2},
+                   "deepconf": {"budget": 2, "warmup": 2, "parallel": 2},
                    "vreason": {"steps": 1}}  # 8 steps per token on a long prompt: a minute
 
 
@@ -37,7 +38,8 @@ def _clamp(values: dict, limits: dict) -> None:
 
 def bounded(case) -> None:
     """Keep each generated case cheap to serve: generation routes make at most 2 × 4 tokens per
-    prompt (and 2 prompts, 2 particles × 2 steps, 1 V-Reason step per update), where the schema
+    prompt (and 2 prompts, 2 particles × 2 steps, 2 DeepConf traces, 1 V-Reason step per update),
+    where the schema
     allows the whole context; values the server must reject stay as they are. The bundled
     artifacts other tests need keep their names."""
     for values in (case.path_parameters, case.body):
@@ -182,6 +184,9 @@ def test_unparsable_bodies_are_400(server, body, message):
     ({"stop": ["x"] * 1000}, "stop"),
     ({"steering": {"particles": {"n": 10**6}}}, "steering.particles.n"),
     ({"steering": {"particles": {"max_steps": 10**6}}}, "steering.particles.max_steps"),
+    ({"steering": {"deepconf": {"budget": 10**6}}}, "steering.deepconf.budget"),
+    ({"steering": {"deepconf": {"window": 10**6}}}, "steering.deepconf.window"),
+    ({"steering": {"deepconf": {"answer": "x" * 10**4}}}, "steering.deepconf.answer"),
     ({"steering": {"east": [{"vector": "explore"}] * 100}}, "steering.east"),
 ])
 def test_huge_values_are_400_naming_the_field(server, body, param):
@@ -190,11 +195,15 @@ def test_huge_values_are_400_naming_the_field(server, body, param):
     assert_error(status, reply, 400, param)
 
 
-def test_huge_particle_budget_is_400(server):
+@pytest.mark.parametrize("steering,param", [
+    ({"particles": {"n": 64}}, None),
+    ({"deepconf": {"budget": 64, "warmup": 2}}, "steering.deepconf.budget"),
+])
+def test_huge_multi_pass_budgets_are_400(server, steering, param):
     status, reply = raw(server, "POST", "/v1/chat/completions", json.dumps({
         "messages": [{"role": "user", "content": "x"}], "max_tokens": 8000,
-        "steering": {"particles": {"n": 64}}}).encode())
-    assert_error(status, reply, 400)
+        "steering": steering}).encode())
+    assert_error(status, reply, 400, param)
 
 
 def test_a_message_object_without_an_openai_role_is_no_500(http):

@@ -6,10 +6,12 @@ through moves, a discarded sample and preemption."""
 
 import math
 import random
+import time
 from collections import defaultdict
 
 import numpy as np
 import pytest
+import regex
 import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
@@ -74,10 +76,12 @@ def recorded(tokens: int, seed: int) -> torch.Tensor:
 def test_token_confidence_is_minus_the_mean_top_k_logprob_per_row():
     logprobs = recorded(40, 0)
     for k in (1, 5, 20):
-        ours = token_confidence(logprobs, k).tolist()
+        ours = token_confidence(logprobs, k).tolist()  # normalised or not: the same
         for row, value in zip(logprobs, ours):
             top = sorted(row.tolist(), reverse=True)[:k]
             assert value == pytest.approx(authors_confidence(top), rel=1e-12)
+    shifted = logprobs + torch.linspace(-3, 5, 40).unsqueeze(1)  # raw logits: any offset per row
+    torch.testing.assert_close(token_confidence(shifted, 20), token_confidence(logprobs, 20))
     per_row = torch.tensor([1, 20, 5, 7] * 10)
     ours = token_confidence(logprobs, per_row).tolist()
     for row, k, value in zip(logprobs, per_row.tolist(), ours):
@@ -128,10 +132,13 @@ def test_answer_readers():
     assert boxed_answer("no box") is None and boxed_answer("\\boxed{open") is None
     assert last_number("12 + 7 = 19. Answer: 1,234.0") == "1234"
     assert last_number("-3.5 then 2.25") == "2.25" and last_number("none") is None
-    import re
-    assert regex_answer(re.compile(r"Answer: (\w+)"), "Answer: a ... Answer: b") == "b"
-    assert regex_answer(re.compile(r"\d+"), "1 2 3") == "3"
-    assert regex_answer(re.compile(r"Answer: (\d+)"), "nothing") is None
+    assert regex_answer(regex.compile(r"Answer: (\w+)"), "Answer: a ... Answer: b") == "b"
+    assert regex_answer(regex.compile(r"\d+"), "1 2 3") == "3"
+    assert regex_answer(regex.compile(r"Answer: (\d+)"), "nothing") is None
+    slow = regex.compile(r"(x+x+)+y")  # catastrophic backtracking on a long run of x
+    started = time.monotonic()
+    assert regex_answer(slow, "x" * 5000) is None
+    assert time.monotonic() - started < 5
 
 
 # --- the processor -----------------------------------------------------------------------

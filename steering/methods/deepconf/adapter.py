@@ -13,8 +13,9 @@ written at the row's position, so a position seen again (a chunked prefill's dis
 overwrites itself. The group confidence is the ring's sum over the window; once the window is
 full and it is below the threshold, the row's logits become the end-of-sequence token alone:
 vLLM finishes it with `stop`. A row that leaves the batch parks its ring under its steering id;
-a preempted row that comes back resumes from it. One top-k over the asking rows per step, one
-copy to the host for the telemetry, no loop over the vocabulary.
+a preempted row that comes back resumes from it. One log-softmax and one top-k over the asking
+rows per step, one copy to the host (the telemetry, and which rows to cut: the few cut rows
+are rewritten by index), no loop over the vocabulary.
 """
 
 from __future__ import annotations
@@ -122,17 +123,16 @@ class DeepConfProcessor(RowStateProcessor[TraceRow]):
         positions = batch.positions()
         at = torch.tensor(positions, dtype=torch.long, device=logits.device)
 
-        selected = batch.select(logits)
-        confidence = token_confidence(torch.log_softmax(selected.float(), -1), top_k)
+        confidence = token_confidence(batch.select(logits), top_k)
         self._ring[slots, at % window] = confidence
         seen = torch.minimum(at + 1, window)
         group = self._ring[slots].sum(-1) / seen
         cut = (seen == window) & (group < bar) & (eos >= 0)
-        forced = torch.full_like(selected, float("-inf"))
-        forced.scatter_(1, eos.clamp(min=0).unsqueeze(1), 0.0)
-        batch.put(logits, torch.where(cut.unsqueeze(1), forced, selected))
+        values = torch.stack((confidence, group, cut.float()), 1).double().cpu().tolist()
+        for index, row in ((i, r) for i, r, v in zip(batch.indices, rows, values) if v[2]):
+            logits[index] = float("-inf")  # only the end of sequence is left
+            logits[index, row.eos] = 0.0
         if self._publisher is not None:
-            values = torch.stack((confidence, group, cut.float()), 1).double().cpu().tolist()
             self._publisher.publish(StepTelemetry(ids=[r.steer_id for r in rows],
                                                   positions=positions, method=NAME,
                                                   values=values))

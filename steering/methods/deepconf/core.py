@@ -10,9 +10,11 @@ import re
 from collections.abc import Sequence
 from enum import StrEnum
 
+import regex
 import torch
 
 BOTTOM_FRACTION = 0.1  # "bottom 10% group confidence" (paper §3.1)
+REGEX_TIMEOUT_S = 0.05  # a user's pattern gets this long per trace, then the trace has no answer
 
 
 class Score(StrEnum):
@@ -24,12 +26,13 @@ class Score(StrEnum):
     TAIL = "tail"  # mean of C_i over the trace's last `window` tokens
 
 
-def token_confidence(logprobs: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
+def token_confidence(logits: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """Token confidence C_i = −(1/k) Σ_{j≤k} log P_i(j) over the k most likely tokens of each
-    row's distribution (paper eq. 2). `logprobs`: (rows, vocab), normalised; `k`: one per row
-    (a tensor) or for all."""
+    row's distribution (paper eq. 2), from `logits` (rows, vocab); `k`: one per row (a
+    tensor) or for all. (A fused log-softmax then the top-k is faster on CPU than a top-k of
+    the logits less their log-sum-exp.)"""
     k_max = int(k) if isinstance(k, int) else int(k.max())
-    top = logprobs.topk(k_max, dim=-1).values
+    top = torch.log_softmax(logits, -1).topk(k_max, dim=-1).values
     if isinstance(k, int):
         return -top.mean(-1)
     keep = torch.arange(k_max, device=top.device) < k.unsqueeze(-1)
@@ -133,11 +136,15 @@ def last_number(text: str) -> str | None:
     return value
 
 
-def regex_answer(pattern: re.Pattern, text: str) -> str | None:
-    """The last match of a user's pattern: its first group if it has one, else the match."""
+def regex_answer(pattern: regex.Pattern, text: str) -> str | None:
+    """The last match of a user's pattern: its first group if it has one, else the match.
+    A pattern that backtracks past `REGEX_TIMEOUT_S` finds nothing (the event loop runs it)."""
     found = None
-    for found in pattern.finditer(text):
-        pass
+    try:
+        for found in pattern.finditer(text, timeout=REGEX_TIMEOUT_S):
+            pass
+    except TimeoutError:
+        return None
     if found is None:
         return None
     value = found.group(1) if pattern.groups else found.group(0)

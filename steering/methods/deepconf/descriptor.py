@@ -4,10 +4,10 @@ the orchestration that answers the request (`run`)."""
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+import regex
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from steering.errors import InvalidRequest
@@ -63,8 +63,8 @@ class DeepConfOptions(StrictModel):
     def _compiles(cls, value: str) -> str:
         if value not in ("boxed", "last_number"):
             try:
-                re.compile(value)
-            except re.error as exc:
+                regex.compile(value)
+            except regex.error as exc:
                 raise ValueError(f"not a regular expression: {exc}") from None
         return value
 
@@ -207,7 +207,7 @@ class DeepConf(Method):
             yield Answer(text=trace.text, token_ids=trace.token_ids, entropy=trace.entropy,
                          varentropy=trace.varentropy, finish_reason=trace.finish_reason,
                          section=result.section(options, trace),
-                         generated_tokens=result.generated_tokens)
+                         generated_tokens=result.generated_tokens, values=trace.values)
 
     @staticmethod
     def _observe(job, options: DeepConfOptions, result: DeepConfResult) -> None:

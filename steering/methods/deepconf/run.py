@@ -13,10 +13,11 @@ aborted. Trace i samples with seed `seed + i` when the request sets one.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+
+import regex
 
 from steering.errors import InvalidRequest
 from steering.methods.deepconf.adapter import NAME
@@ -64,6 +65,7 @@ class Trace:
     confidences: list[float] = field(default_factory=list)
     entropy: list[float | None] = field(default_factory=list)
     varentropy: list[float | None] = field(default_factory=list)
+    values: dict[str, list] = field(default_factory=dict)  # the other methods' per token
     finish_reason: str | None = None
     stopped_at: int | None = None  # the token the engine cut it at (its group fell below the bar)
     cancelled: bool = False  # aborted once the vote reached consensus
@@ -84,7 +86,7 @@ def answer_reader(spec: str) -> Callable[[str], str | None]:
         return boxed_answer
     if spec == "last_number":
         return last_number
-    pattern = re.compile(spec)
+    pattern = regex.compile(spec)
     return lambda text: regex_answer(pattern, text)
 
 
@@ -166,8 +168,7 @@ class DeepConfRun:
             reached = await self._online(traces, voters, bar, on_event)
         for t in voters:
             t.voted = True
-        weights = [t.score if o.weighted else 1.0 for t in voters]
-        table = vote([t.answer for t in voters], weights)
+        table = self._vote(voters)
         chosen = self._ranked(traces, voters, table)[:self.choices]
         return DeepConfResult(traces=traces, chosen=chosen, bar=bar, table=table,
                               consensus_reached=reached, generated_tokens=self.generated_tokens)
@@ -201,7 +202,7 @@ class DeepConfRun:
                         voters.append(trace)
                 reached = self._agreed(voters)
             if reached:
-                table = vote([t.answer for t in voters], [t.score for t in voters])
+                table = self._vote(voters)
                 await on_event({"event": "consensus", "answer": winner(table),
                                 "share": consensus(table)})
         finally:
@@ -216,10 +217,14 @@ class DeepConfRun:
                                 "tokens": len(trace.token_ids)})
         return reached
 
+    def _vote(self, voters: list[Trace]) -> dict[str, float]:
+        weights = [t.score if self.options.weighted else 1.0 for t in voters]
+        return vote([t.answer for t in voters], weights)
+
     def _agreed(self, voters: list[Trace]) -> bool:
         if self.options.consensus is None:
             return False
-        table = vote([t.answer for t in voters], [t.score for t in voters])
+        table = self._vote(voters)
         return bool(table) and consensus(table) >= self.options.consensus
 
     async def _trace(self, trace: Trace, bar: float | None, on_event) -> None:
@@ -229,7 +234,9 @@ class DeepConfRun:
         steering = {**self.steering, NAME: TraceSettings(o.top_k, o.window, bar)}
         await on_event({"event": "started", "trace": trace.index, "phase": trace.phase.value})
         try:
-            async for delta in self.engine.generate(self.prompt_ids, sampling, steering):
+            # only an online trace may be aborted midway: its tokens so far count in `usage`
+            async for delta in self.engine.generate(self.prompt_ids, sampling, steering,
+                                                    deltas=bar is not None):
                 trace.text += delta.text
                 trace.token_ids += delta.token_ids
                 self.generated_tokens += len(delta.token_ids)
@@ -253,15 +260,18 @@ class DeepConfRun:
         cut = [i for i, v in enumerate(values) if v is not None and v[2] > 0]
         trace.stopped_at = cut[0] if cut else None
         trace.entropy, trace.varentropy = delta.trace.window(0, count)
+        trace.values = {name: delta.trace.method_values(name, count)
+                        for name in delta.trace.values if name != NAME}
         trace.finish_reason = delta.finish_reason
         trace.answer = self.read_answer(trace.text)
         trace.score = trace_score(trace.confidences, self.score, self.options.window)
 
     def _ranked(self, traces: list[Trace], voters: list[Trace],
                 table: dict[str, float]) -> list[Trace]:
-        """The answers, best first: the voters by their answer's weight, then their score (the
-        winner's most confident trace first), then the others by score."""
-        voted = sorted(voters, key=lambda t: (-table.get(t.answer, 0.0), -t.score))
+        """The answers, best first: the voters by their answer's place in the vote (the
+        winner's first), then their score, then the others by score."""
+        places = {a: i for i, a in enumerate(sorted(table, key=lambda a: -table[a]))}
+        voted = sorted(voters, key=lambda t: (places.get(t.answer, len(places)), -t.score))
         rest = sorted((t for t in traces if not t.voted and not t.cancelled),
                       key=lambda t: -t.score)
         return voted + rest or sorted(traces, key=lambda t: -len(t.token_ids))
