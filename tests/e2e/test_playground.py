@@ -242,6 +242,41 @@ def test_particle_filter_view_streams_each_iteration(browser, server):
     by_id(browser, "particles-on").click()  # off again for the tests after this one
 
 
+def test_deepconf_view_shows_each_trace_and_the_vote(browser, server, http):
+    """DeepConf offline, 3 traces: one row per trace as its events stream in, then the vote as
+    bars and the chosen trace, as the server's report (asked for again, same seed) has them."""
+    open_page(browser, server)
+    set_value(browser, "prompt", "What is 12 times 7?")
+    set_value(browser, "max-tokens", 16)
+    set_value(browser, "seed", 3)
+    open_section(browser, "DeepConf")
+    by_id(browser, "deepconf-on").click()
+    choose(browser, "deepconf-mode", "offline")
+    set_value(browser, "deepconf-budget", 3)
+    set_value(browser, "deepconf-window", 8)
+    body = sent_body(browser)
+    assert body["steering"]["deepconf"] == {"mode": "offline", "budget": 3, "window": 8}
+    assert "logprobs" not in body and "top_logprobs" not in body
+    send_and_wait(browser)
+    assert by_id(browser, "error").text == ""
+    report = steering_report(http, body)["deepconf"]
+    rows = css(browser, "#deepconf-view .dc-trace")
+    assert sorted(int(r.get_attribute("data-trace")) for r in rows) == [0, 1, 2]
+    assert all("finished" in r.text for r in rows)
+    assert by_id(browser, "deepconf-view").is_displayed()
+    assert css(browser, "#deepconf-view .dc-threshold")
+    bars = {b.get_attribute("data-answer"): b for b in css(browser, "#deepconf-view .dc-vote")}
+    assert set(bars) == set(report["votes"])
+    total = sum(report["votes"].values())
+    for answer, weight in report["votes"].items():
+        assert f"{100 * weight / total:.1f}%" in bars[answer].text
+    final = css(browser, "#deepconf-view .dc-final")[0].text
+    assert f"chosen trace {report['chosen']}" in final
+    assert f"{report['generated_tokens']} tokens generated" in final
+    assert "DeepConf" not in by_id(browser, "methods-view").text
+    by_id(browser, "deepconf-on").click()  # off again for the tests after this one
+
+
 def test_gate_and_v_reason_markers_and_the_difficulty_view(browser, server, http):
     """A gate, V-Reason and DiffAdapt in one request: the chart marks exactly the tokens the
     server's report names, and the DiffAdapt view shows its class probabilities."""

@@ -337,7 +337,7 @@ function buildRequest(pane) {
   if (number("top-k") !== null && number("top-k") !== -1) body.top_k = number("top-k");
   if (number("min-p")) body.min_p = number("min-p");
   if (number("seed") !== null) body.seed = number("seed");
-  if (!steering.particles) {  // the particle filter runs its own requests: no logprobs there
+  if (!steering.particles && !steering.deepconf) {  // these run their own requests: no logprobs there
     if (mode() === "chat") { body.logprobs = true; body.top_logprobs = TOP_LOGPROBS; } else body.logprobs = TOP_LOGPROBS;
   }
   body.stream = true;
@@ -428,7 +428,7 @@ function appendToken(run, token) {
 
 async function generate(paneName, body, signal) {
   const answer = startTurn(paneName, body);
-  const run = { pane: paneName, answer, tokens: [], text: "", report: null, progress: [], entropy: null, varentropy: null };
+  const run = { pane: paneName, answer, tokens: [], text: "", report: null, progress: [], deepconf: [], entropy: null, varentropy: null };
   state.runs[paneName] = run;
   const pane = $(`pane-${paneName}`);
   try {
@@ -439,6 +439,11 @@ async function generate(paneName, body, signal) {
       if (progress) {
         run.progress.push(progress);
         renderParticles();
+      }
+      const deepconf = event.steering?.deepconf?.progress;
+      if (deepconf) {
+        run.deepconf.push(deepconf);
+        renderDeepConf();
       }
       for (const choice of event.choices || []) {
         const tokens = tokensOf(choice);
@@ -489,6 +494,7 @@ async function send(event) {
   $("pane-plain").hidden = !compare;
   $("panes").classList.toggle("compare", compare);
   $("particles-view").hidden = true;
+  $("deepconf-view").hidden = true;
   $("diffadapt-view").hidden = true;
   state.runs = {};
   state.controller = new AbortController();
@@ -663,8 +669,41 @@ function renderParticles() {
   ...(final?.chosen !== undefined ? [el("p", { class: "pf-final", text: `chosen particle ${final.chosen} · final scores ${final.final_scores.map((s) => fmt(s)).join(", ")} · ${final.resamples} resamples` })] : []));
 }
 
+// DeepConf: each trace as its events tell it, then the vote and the saving from the report.
+function renderDeepConf() {
+  const run = state.runs.steered;
+  const view = $("deepconf-view");
+  if (!run?.deepconf.length) return;
+  view.hidden = false;
+  const final = run.report?.deepconf;
+  const traces = new Map();  // index -> {phase, status}
+  let threshold = null;
+  let consensus = null;
+  for (const e of run.deepconf) {
+    if (e.event === "started") traces.set(e.trace, { phase: e.phase, status: "running" });
+    else if (e.event === "stopped") traces.get(e.trace).status = `stopped early at token ${e.at}`;
+    else if (e.event === "finished") traces.get(e.trace).status = `finished: ${e.answer ?? "no answer"}, score ${fmt(e.score)}`;
+    else if (e.event === "cancelled") traces.get(e.trace).status = `cancelled after ${e.tokens} tokens`;
+    else if (e.event === "threshold") threshold = e.threshold;
+    else if (e.event === "consensus") consensus = e;
+  }
+  threshold = final?.threshold ?? threshold;
+  const voted = new Set((final?.traces || []).filter((t) => t.voted).map((t) => t.index));
+  const votes = Object.entries(final?.votes || {});
+  const total = votes.reduce((sum, [, w]) => sum + w, 0);
+  view.replaceChildren(el("h3", { text: "DeepConf" }),
+    ...(threshold !== null ? [el("p", { class: "dc-threshold", text: `confidence threshold ${fmt(threshold)}` })] : []),
+    ...[...traces].map(([index, t]) => el("p", { class: "dc-trace", "data-trace": index,
+      text: `trace ${index} (${t.phase}) · ${t.status}${voted.has(index) ? " · voted" : ""}` })),
+    ...(consensus ? [el("p", { text: `consensus: ${consensus.answer} holds ${(100 * consensus.share).toFixed(1)}% of the vote` })] : []),
+    ...votes.map(([answer, w]) => el("div", { class: "bar dc-vote", "data-answer": answer, style: `--w:${total ? (100 * w) / total : 0}%` },
+      el("span", { text: `${answer}: ${total ? ((100 * w) / total).toFixed(1) : "0.0"}% (weight ${fmt(w)})` }))),
+    ...(final ? [el("p", { class: "dc-final", text: `answer ${final.answer ?? "none"} · chosen trace ${final.chosen} · ${final.generated_tokens} tokens generated, about ${final.saved_tokens} saved` })] : []));
+}
+
 function renderReports() {
   renderParticles();
+  renderDeepConf();
   const report = state.runs.steered?.report;
   const diff = report?.diffadapt;
   const view = $("diffadapt-view");
@@ -685,7 +724,7 @@ function renderReports() {
   if (report?.vreason) lines.push(`V-Reason: ${report.vreason.updates.length} updates${report.vreason.error ? ` (${report.vreason.error})` : ""}`);
   for (const { name, schemaName } of state.panels) {  // the others: their settings
     const section = report?.[name];
-    if (!section || name === "vreason" || name === "particles") continue;
+    if (!section || name === "vreason" || name === "particles" || name === "deepconf") continue;
     const settings = Object.entries(section).filter(([, v]) => v !== null && typeof v !== "object");
     lines.push(`${state.schemas[schemaName].title || name}: ${settings.map(([k, v]) => `${k} ${v}`).join(", ")}`);
   }
