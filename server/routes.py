@@ -164,8 +164,9 @@ async def _orchestrated(dialect: Dialect, state: ServerState, body: GenerationRe
     prompt = prompts[0]
     metrics = state.metrics
     label = (state.model_name, plan.label)
-    override = session.overrides.get(0)
-    sampling = override.applied(_sampling(body)) if override else _sampling(body)
+    sampling = _sampling(body)
+    if (override := session.overrides.get(0)) is not None:
+        sampling = override.applied(sampling)
     job = Job(engine=state.engine, meters=metrics.meters.get(orchestrator.name),
               state=state.method_states.get(orchestrator.name), prompt_ids=prompt,
               sampling=sampling, steering=steering, label=label, choices=body.n or 1)

@@ -107,8 +107,8 @@ class DeepConfEvent(ReportModel):
 
 
 class DeepConfReport(ReportModel):
-    """The run (`run.DeepConfResult.section`); a streamed run's progress chunks carry only
-    `progress`."""
+    """The run (`run.DeepConfResult.report`) and the trace this choice is (`chosen`); a
+    streamed run's progress chunks carry only `progress`."""
 
     mode: Mode | None = None
     budget: int | None = None
@@ -202,23 +202,23 @@ class DeepConf(Method):
             result = await task
         finally:
             task.cancel()
-        self._observe(job, options, result)
+        report = result.report(options)
+        self._observe(job, result, report)
         for trace in result.chosen:
             yield Answer(text=trace.text, token_ids=trace.token_ids, entropy=trace.entropy,
                          varentropy=trace.varentropy, finish_reason=trace.finish_reason,
-                         section=result.section(options, trace),
+                         section={**report, "chosen": trace.index},
                          generated_tokens=result.generated_tokens, values=trace.values)
 
     @staticmethod
-    def _observe(job, options: DeepConfOptions, result: DeepConfResult) -> None:
+    def _observe(job, result: DeepConfResult, report: dict) -> None:
         traces = result.traces
         for outcome, count in (("started", len(traces)),
                                ("stopped", sum(t.stopped_at is not None for t in traces)),
                                ("cancelled", sum(t.cancelled for t in traces)),
                                ("voted", sum(t.voted for t in traces))):
             job.meters.traces.labels(*job.label, outcome).inc(count)
-        saved = result.full_tokens(options.budget) - result.generated_tokens
-        job.meters.saved.labels(*job.label).inc(max(0, saved))
+        job.meters.saved.labels(*job.label).inc(report["saved_tokens"])
 
     def report(self, options, outcome) -> dict | None:
         return outcome.collected.get(self.name)  # the answer's section (`Answer.section`)

@@ -98,6 +98,7 @@ class DeepConfResult:
     table: dict[str, float]
     consensus_reached: bool
     generated_tokens: int
+    score: Score  # how its traces were scored
 
     def full_tokens(self, budget: int) -> int:
         """An estimate of the tokens the whole budget would have generated uncut: a cut or
@@ -110,14 +111,13 @@ class DeepConfResult:
                        t.cancelled else len(t.token_ids) for t in self.traces)
         return round(estimate + (budget - len(self.traces)) * typical_length)
 
-    def section(self, options, chosen: Trace) -> dict:
+    def report(self, options) -> dict:
+        """The run's report section, but for the trace each choice is (`chosen`)."""
         estimate = self.full_tokens(options.budget)
         return {"mode": options.mode, "budget": options.budget, "keep": options.keep,
-                "window": options.window, "top_k": options.top_k,
-                "score": options.score if options.mode == Mode.OFFLINE else
-                Score.LOWEST_GROUP, "threshold": self.bar,
-                "traces": [t.summary() for t in self.traces], "votes": self.table,
-                "answer": winner(self.table), "chosen": chosen.index,
+                "window": options.window, "top_k": options.top_k, "score": self.score,
+                "threshold": self.bar, "traces": [t.summary() for t in self.traces],
+                "votes": self.table, "answer": winner(self.table),
                 "consensus_reached": self.consensus_reached,
                 "generated_tokens": self.generated_tokens,
                 "estimated_full_tokens": estimate,
@@ -171,7 +171,8 @@ class DeepConfRun:
         table = self._vote(voters)
         chosen = self._ranked(traces, voters, table)[:self.choices]
         return DeepConfResult(traces=traces, chosen=chosen, bar=bar, table=table,
-                              consensus_reached=reached, generated_tokens=self.generated_tokens)
+                              consensus_reached=reached, generated_tokens=self.generated_tokens,
+                              score=self.score)
 
     async def _batch(self, phase: Phase, start: int, count: int, on_event) -> list[Trace]:
         """`count` traces at once, measured only."""
