@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from steering.engine.args import DEFAULT_VECTOR_SLOTS
+from steering.engine.args import DEFAULT_VECTOR_SLOTS, check_model
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 
@@ -26,12 +26,16 @@ def serve_parser():
         prog="steer serve",
         description="Serve the OpenAI-compatible API with entropy steering. Without a model, "
         "serves the bundled SmolLM2-135M-Instruct (converted once into the cache). "
-        "`--model PATH` (or a positional PATH, or env STEER_MODEL) serves a local HF-format "
-        "folder. Every vLLM "
+        "`--model MODEL` (or a positional MODEL, or env STEER_MODEL) serves a local HF-format "
+        "folder or, as `vllm serve` does, a Hugging Face Hub id (org/name: vLLM fetches it into "
+        "the HF cache, and it is served under that name; HF_HUB_OFFLINE=1 limits it to the "
+        "cache). Every vLLM "
         "engine argument (--dtype, --max-model-len, --tensor-parallel-size, "
         "--gpu-memory-utilization, --enforce-eager, ...) is accepted and passed to the engine.",
     )
-    parser.add_argument("model_path", nargs="?", help="local HF-format model folder")
+    parser.add_argument("model_path", nargs="?", metavar="MODEL",
+                        help="a local HF-format model folder or a Hugging Face Hub id "
+                        "(org/name); same as --model")
     parser.add_argument("--host", default=os.environ.get("STEER_HOST", DEFAULT_HOST))
     parser.add_argument("--port", type=int, default=int(os.environ.get("STEER_PORT", DEFAULT_PORT)))
     parser.add_argument("--api-key", default=os.environ.get("STEER_API_KEY") or None,
@@ -82,7 +86,105 @@ def serve_parser():
     openai.add_argument("--enable-prompt-tokens-details", action="store_true")
     AsyncEngineArgs.add_cli_args(parser)
     parser.set_defaults(model=os.environ.get("STEER_MODEL"), dtype=None)
+    for action in parser._actions:
+        if "--model" in action.option_strings:
+            action.help = ("a local HF-format model folder or a Hugging Face Hub id (org/name, "
+                           "fetched as `vllm serve` does; HF_HUB_OFFLINE=1 limits it to the "
+                           "local HF cache). Default: the bundled SmolLM2-135M-Instruct (env "
+                           "STEER_MODEL)")
     return parser
+
+
+def resolve_model(args: argparse.Namespace) -> bool:
+    """Settle `args.model` before the engine starts; returns whether it is the bundled model.
+
+    The bundled model (no model given) and an existing local path need no network, so the Hub
+    stays off for them (HF_HUB_OFFLINE=1 unless the environment says otherwise). Any other
+    name is a Hugging Face Hub id, left for vLLM to download as `vllm serve` does (the user's
+    own HF_HUB_OFFLINE=1 limits it to the cache) and served under that id, once a cheap check
+    says it can be had. Raises ValueError, naming the model and the reason, when it cannot."""
+    if getattr(args, "model_path", None):
+        args.model = args.model_path
+    if args.model is None:
+        from server.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+
+        stay_offline()
+        args.model = str(ensure_default_model())
+        args.served_model_name = args.served_model_name or [DEFAULT_MODEL_NAME]
+        return True
+    if Path(args.model).exists():
+        stay_offline()
+        return False
+    check_model(args.model)
+    revision = getattr(args, "revision", None)
+    try:
+        check_hub_model(args.model, revision)
+    except Exception as exc:  # every way the Hub can fail: one message
+        raise ValueError(f"model {args.model!r} is not a local folder and could not be fetched "
+                         f"from the Hugging Face Hub: {_hub_failure(exc, args.model, revision)}"
+                         ) from exc
+    args.served_model_name = args.served_model_name or [args.model]
+    return False
+
+
+def stay_offline() -> None:
+    """Keep vLLM, transformers and huggingface_hub off the network (this process, which has
+    already imported them, and the engine processes it starts), unless HF_HUB_OFFLINE is set."""
+    import huggingface_hub.constants as hub
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hub.HF_HUB_OFFLINE = (hub.HF_HUB_OFFLINE
+                          or os.environ["HF_HUB_OFFLINE"].upper() in hub.ENV_VARS_TRUE_VALUES)
+
+
+def check_hub_model(repo_id: str, revision: str | None) -> None:
+    """Raise unless Hub model `repo_id` can be had: its config.json is in the HF cache, or the
+    Hub lets us read it (one HEAD request, not retried: hf_hub_download would retry an
+    unreachable Hub for ~20 s; offline, huggingface_hub refuses it). vLLM then downloads what
+    it needs itself."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+        return
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json", revision=revision))
+    except RemoteEntryNotFoundError:
+        pass  # readable, without config.json (a Mistral-format model): vLLM reads what it has
+
+
+def _hub_failure(exc: BaseException, repo_id: str, revision: str | None) -> str:
+    """Why Hub model `repo_id` could not be had, in one sentence."""
+    import huggingface_hub.constants as hub
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    login = "log in with `hf auth login` or set HF_TOKEN"
+    cache = f"the local Hugging Face cache ({hub.HF_HUB_CACHE}) does not have it"
+    if isinstance(exc, GatedRepoError):
+        return (f"it is a gated repository: accept its conditions at {hub.ENDPOINT}/{repo_id} "
+                f"and {login}")
+    if isinstance(exc, RevisionNotFoundError):
+        return f"the repository has no revision {revision!r}"
+    if isinstance(exc, RepositoryNotFoundError):
+        return f"no such repository on {hub.ENDPOINT} (if it is private, {login})"
+    if isinstance(exc, OfflineModeIsEnabled):
+        flag = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
+        return (f"{flag}={os.environ.get(flag, '1')} is set and {cache}; unset {flag} to "
+                "download it, or pass a local model folder")
+    if isinstance(exc, HfHubHTTPError):
+        return f"the Hub at {hub.ENDPOINT} answered {detail}"
+    if isinstance(exc, (ConnectionError, TimeoutError)) or any(
+            word in type(exc).__name__ for word in ("Connect", "Timeout", "Network", "Proxy")):
+        return f"the Hub at {hub.ENDPOINT} cannot be reached ({detail}) and {cache}"
+    return detail
 
 
 def frontend_options(args: argparse.Namespace, bundled: bool):
@@ -113,25 +215,20 @@ def frontend_options(args: argparse.Namespace, bundled: bool):
 
 
 def serve(args: argparse.Namespace) -> None:
+    bundled = resolve_model(args)  # first: a model that cannot be had stops here, plainly
+
     import uvicorn
 
     from server.app import create_app
-    from server.default_model import DEFAULT_MODEL_NAME, cache_dir, ensure_default_model
     from steering.engine.args import build_engine_args
     from steering.engine.engine import Engine
     from steering.methods.registry import METHODS
 
-    if getattr(args, "model_path", None):
-        args.model = args.model_path
-    bundled = args.model is None
-    if bundled:
-        args.model = str(ensure_default_model())
-        args.served_model_name = args.served_model_name or [DEFAULT_MODEL_NAME]
     engine_args = build_engine_args(args)
     names = engine_args.served_model_name
     model_name = (names[0] if isinstance(names, list) else names) or Path(args.model).name
-    artifacts = args.artifacts_dir or cache_dir() / "artifacts" / model_name.replace("/", "--")
-    engine = Engine(engine_args, model_name, Path(artifacts), vector_slots=args.vector_slots)
+    engine = Engine(engine_args, model_name, artifacts_folder(args, model_name),
+                    vector_slots=args.vector_slots)
     app = create_app(engine, api_key=args.api_key, admin_key=args.admin_key,
                      method_configs={m.name: m.configure(args) for m in METHODS},
                      frontend=frontend_options(args, bundled), strict_fields=args.strict_fields,
@@ -139,6 +236,14 @@ def serve(args: argparse.Namespace) -> None:
                      bundled_model=bundled)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
                 access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=30)
+
+
+def artifacts_folder(args: argparse.Namespace, model_name: str) -> Path:
+    """Where the steering artifacts live: --artifacts-dir, else a folder named after the served
+    model name ('org/name', as a Hub id is served, becomes 'org--name')."""
+    from server.default_model import cache_dir
+
+    return Path(args.artifacts_dir or cache_dir() / "artifacts" / model_name.replace("/", "--"))
 
 
 def main(argv: list[str] | None = None) -> None:

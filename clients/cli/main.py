@@ -7,7 +7,8 @@ import os
 import sys
 
 COMMANDS = {
-    "serve": "serve the OpenAI-compatible API (default model: the bundled SmolLM2-135M-Instruct)",
+    "serve": "serve the OpenAI-compatible API (default model: the bundled SmolLM2-135M-Instruct; "
+    "--model takes a local folder or a Hugging Face Hub id)",
     "bench": "plain vLLM vs entropy-steer: throughput and TTFT ratios in one run",
     "vectors": "list, show, upload, delete or compute steering vectors on a running server",
     "probe": "label questions, train DiffAdapt difficulty probes, manage them on a server",
@@ -17,8 +18,12 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "serve":
+        # Only `serve` may need the Hugging Face Hub (for a Hub id; it keeps the bundled model
+        # and local folders offline itself, in `server.cli.resolve_model`). `bench` runs local
+        # folders and the rest talk to a running server: none of them should reach the Hub.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(
         prog="steer", description="entropy-steer: an OpenAI-compatible vLLM server with "
         "entropy steering. `steer COMMAND --help` for each command.")

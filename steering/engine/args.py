@@ -18,14 +18,29 @@ CPU_DEFAULT_KV_CACHE_BYTES = 2 << 30
 CPU_DEFAULT_BLOCK_SIZE = 32
 
 
+def check_model(model: str) -> None:
+    """Raise ValueError unless `model` is a local folder or reads as a Hugging Face Hub id
+    (org/name), which vLLM fetches itself, as `vllm serve` does."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if Path(model).is_dir():
+        return
+    try:  # refuses what reads as a path: '/...', './...', '~/...', 'a/b/c'
+        validate_repo_id(model)
+    except HFValidationError:
+        raise ValueError(f"--model {model}: neither a local folder nor a Hugging Face Hub id "
+                         "(org/name)") from None
+
+
 def build_engine_args(args: argparse.Namespace):
-    """vLLM engine arguments from the command line (`args.model` a local folder), with this
-    project's defaults filled in; raises ValueError on what cannot be served."""
+    """vLLM engine arguments from the command line (`args.model` a local folder or a Hugging
+    Face Hub id), with this project's defaults filled in; raises ValueError on what cannot be
+    served."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.platforms import current_platform
 
-    if not Path(args.model).is_dir():
-        raise ValueError(f"--model {args.model}: not a local folder (no model hub is used)")
+    check_model(args.model)
     if args.dtype is None:
         # CPUs without native bf16 decode float32 about 4x faster; the bundled model is float32.
         args.dtype = "float32" if current_platform.is_cpu() else "auto"
