@@ -2,11 +2,22 @@
 
 `tests/data/openai_schemas.json` is a vendored subset of OpenAI's OpenAPI 3.1 spec: repository
 openai/openai-openapi, file `openapi.json` (identical for these schemas to `openapi.yaml`), commit
-f85dbe223d40e1a31cba812ab2d755c7e98a92a3. It holds the answers of `POST /chat/completions` (JSON
-and stream chunk) and `POST /completions` (whose stream chunks share `CreateCompletionResponse`)
-with every schema they `$ref`, transitively. OpenAPI-only `nullable: true` was rewritten as
-`anyOf: [<schema>, {"type": "null"}]` and `x-*` keys dropped, so that a JSON Schema Draft 2020-12
-validator reads it as OpenAPI does; nothing else was changed.
+f85dbe223d40e1a31cba812ab2d755c7e98a92a3. It holds, under `components.schemas` and under their
+names in the spec, the answers of `POST /chat/completions` (JSON and stream chunk:
+`CreateChatCompletionResponse`, `CreateChatCompletionStreamResponse`), `POST /completions` (whose
+stream chunks share `CreateCompletionResponse`) and the Responses API (`Response`, the answer of
+`POST /responses` and `GET /responses/{response_id}`; `ResponseStreamEvent`, the union of every
+event `POST /responses` streams), with every schema they `$ref`, transitively (all `$ref`s are
+`#/components/schemas/<name>`, so the closure follows them from these five roots). Each schema
+was then rewritten recursively: every key starting with `x-` dropped, and every `nullable: true`
+removed with its schema turned into `{<annotations>, "anyOf": [<the rest>, {"type": "null"}]}`,
+where the annotations (`title`, `description`, `default`, `example`, `examples`, `deprecated`)
+stay outside in their order; nothing else was changed (so `discriminator` stays, and is ignored
+by JSON Schema, as is the 2019-09 `$recursiveRef` of `CompoundFilter`, whose recursive branch
+thus accepts anything). Schemas are sorted by name, keys otherwise in the spec's order; written
+as JSON with an indent of 1, non-ASCII kept, and a final newline, after a `source` object naming
+the repository, path, commit and retrieval date. A Draft 2020-12 validator thus reads it as
+OpenAPI does.
 
     from tests.openai_spec import CHAT_RESPONSE, validate
     validate(CHAT_RESPONSE, response.json())  # AssertionError listing every violation
@@ -28,6 +39,8 @@ _URI = "urn:openai-openapi"
 CHAT_RESPONSE = "CreateChatCompletionResponse"
 CHAT_CHUNK = "CreateChatCompletionStreamResponse"
 COMPLETION_RESPONSE = "CreateCompletionResponse"  # also each chunk of a streamed completion
+RESPONSE = "Response"  # POST /responses, GET /responses/{response_id}
+RESPONSE_STREAM_EVENT = "ResponseStreamEvent"  # each `data:` event of a streamed POST /responses
 _MAX_MESSAGE = 300
 
 
