@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 
-from server import artifacts, ops, routes
+from server import anthropic_messages, artifacts, openai_responses, ops, routes
 from server.default_model import seed_bundled_artifacts
 from server.deps import Admission, ServerState
 from server.errors import error_response, install_error_handlers
@@ -96,6 +96,9 @@ def create_app(engine: Engine | None, api_key: str | None = None, admin_key: str
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     app.include_router(routes.router)
+    app.include_router(routes.sagemaker)
+    app.include_router(openai_responses.router)
+    app.include_router(anthropic_messages.router)
     app.include_router(ops.models)
     app.include_router(ops.tokens)
     app.include_router(artifacts.router)

@@ -25,6 +25,7 @@ class Admission:
 
     def __init__(self, limit: int) -> None:
         self.limit, self.held = limit, 0
+        self.requests = 0  # generation requests in flight (`/load`)
 
     def take(self, sequences: int) -> int:
         """Hold `sequences` (one request may always run alone, however many it makes)."""
@@ -79,18 +80,24 @@ class Hold:
 
 async def _hold(state: StateDep) -> AsyncIterator[Hold]:
     hold = Hold(state.admission)
+    state.admission.requests += 1
     try:
         yield hold
     finally:  # after the response (an error, a client gone): whatever is still held
         hold.give_back()
+        state.admission.requests -= 1
 
 
 HoldDep = Annotated[Hold, Depends(_hold)]
 
 
 def bearer_token(request: Request) -> str:
+    """The key a client sent: `Authorization: Bearer KEY`, or `x-api-key: KEY` (how
+    Anthropic's SDKs send theirs)."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
+    if scheme.lower() == "bearer":
+        return token.strip()
+    return request.headers.get("x-api-key", "").strip()
 
 
 def require_api_key(request: Request, state: StateDep) -> None:
@@ -102,7 +109,8 @@ def require_api_key(request: Request, state: StateDep) -> None:
     if state.admin_key is not None:
         valid |= hmac.compare_digest(token, state.admin_key.encode())
     if not valid:
-        raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer KEY')")
+        raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer KEY' or "
+                           "'x-api-key: KEY')")
 
 
 def require_admin_key(request: Request, state: StateDep) -> None:

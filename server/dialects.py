@@ -1,16 +1,18 @@
-"""What tells the two generation routes apart (`Dialect`), and each one's view of a request as
-a conversation whose questions a method may frame before generation (`Conversation`)."""
+"""What tells the two generation routes apart (`Dialect`), each one's view of a request as a
+conversation whose questions a method may frame before generation (`Conversation`), and the
+shape an answer is sent in (`Rendering`: OpenAI's, or another API family's built on them)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 from fastapi import Request
 
 from server.requests import GenerationRequest
-from server.serving import OpenAIServing
+from server.serving import ChoiceReports, OpenAIServing, annotate_response, annotate_stream
 from steering.framing import Framing
 
 
@@ -123,15 +125,20 @@ class CompletionConversation(Conversation):
 
 @dataclass(frozen=True)
 class Dialect:
-    """A generation route's answer shape and its ways into vLLM's serving layer."""
+    """A generation route's answer shape and its ways into vLLM's serving layer.
+    `prompt_ids` and `choice_text` make an orchestration's answer (None: the route does not
+    carry orchestrations); `conversation`: how a method's pass before generation sees the
+    request (None: the route does not carry such passes)."""
 
     object: str  # the answer's `object`; a stream chunk's is `chunk_object`
     chunk_object: str
     id_prefix: str
     create: Callable[[OpenAIServing, GenerationRequest, Request], Awaitable]
-    prompt_ids: Callable[[OpenAIServing, GenerationRequest], Awaitable[list[list[int]]]]
-    conversation: type[Conversation]
-    text_field: str  # where a choice's text goes: "message" (chat) or "text"
+    annotate: Callable[[Any, ChoiceReports], dict]  # vLLM's whole answer, with the reports
+    annotate_stream: Callable[[AsyncIterator, ChoiceReports, bool], AsyncIterator[str]]
+    prompt_ids: Callable[[OpenAIServing, GenerationRequest], Awaitable[list[list[int]]]] | None
+    conversation: type[Conversation] | None
+    text_field: str = ""  # where a choice's text goes: "message" (chat) or "text"
 
     def choice_text(self, text: str, stream: bool) -> dict:
         if self.text_field == "text":
@@ -144,10 +151,29 @@ async def _chat_prompt_ids(serving: OpenAIServing, body) -> list[list[int]]:
     return [await serving.chat_prompt_ids(body)]
 
 
+def _annotated(result, reports: ChoiceReports) -> dict:
+    return annotate_response(result.model_dump(), reports)
+
+
 CHAT = Dialect("chat.completion", "chat.completion.chunk", "chatcmpl",
                lambda serving, body, raw: serving.chat.create_chat_completion(body, raw),
-               _chat_prompt_ids, ChatConversation, "message")
+               _annotated, annotate_stream, _chat_prompt_ids, ChatConversation, "message")
 COMPLETION = Dialect("text_completion", "text_completion", "cmpl",
                      lambda serving, body, raw: serving.completion.create_completion(body, raw),
+                     _annotated, annotate_stream,
                      lambda serving, body: serving.completion_prompt_ids(body),
                      CompletionConversation, "text")
+
+
+class Rendering:
+    """How a generation's answer (in its dialect's OpenAI shape: a whole answer, or its
+    server-sent events) is sent: as it is, or converted into another API family's answer."""
+
+    def whole(self, answer: dict) -> dict:
+        return answer
+
+    def stream(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        return events
+
+
+OPENAI = Rendering()

@@ -1,5 +1,6 @@
 """The error family (`steering.errors`) rendered in the OpenAI error body:
-{"error": {"message", "type", "param", "code"}}, and the app's handlers for it."""
+{"error": {"message", "type", "param", "code"}} (or, on the Anthropic Messages routes,
+Anthropic's: {"type": "error", "error": {"type", "message"}}), and the app's handlers for it."""
 
 from __future__ import annotations
 
@@ -41,6 +42,38 @@ ERROR_RESPONSES = {
 }
 
 
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorBody(BaseModel):
+    """Anthropic's error body."""
+
+    type: str = "error"
+    error: AnthropicErrorDetail
+
+
+ANTHROPIC_ERROR_RESPONSES = {
+    "4XX": {"model": AnthropicErrorBody, "description": "bad input, key, name or size"},
+    "5XX": {"model": AnthropicErrorBody, "description": "engine down, server fault"},
+}
+
+# Anthropic's error type for each status (https://docs.anthropic.com/en/api/errors).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                    403: "permission_error", 404: "not_found_error",
+                    413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error", 529: "overloaded_error"}
+ANTHROPIC_PATH = "/v1/messages"
+
+
+def anthropic_error_body(exc: APIError) -> dict:
+    message = f"{exc.param}: {exc.message}" if exc.param and exc.param not in exc.message \
+        else exc.message
+    return {"type": "error",
+            "error": {"type": _ANTHROPIC_TYPES.get(exc.status, "api_error"), "message": message}}
+
+
 def error_body(status: int, type_: str, message: str, param=None, code=None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
@@ -54,12 +87,13 @@ def in_band_error(exc: Exception) -> dict:
                       status)
 
 
-def error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(
-        error_body(exc.status, exc.type, exc.message, exc.param, exc.code),
-        status_code=exc.status,
-        headers=exc.headers,
-    )
+def error_response(exc: APIError, path: str = "") -> JSONResponse:
+    """`exc` in the error body of the API family `path` belongs to."""
+    if path.startswith(ANTHROPIC_PATH):
+        body = anthropic_error_body(exc)
+    else:
+        body = error_body(exc.status, exc.type, exc.message, exc.param, exc.code)
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "function-after", "json-or-python"}
@@ -114,37 +148,40 @@ def install_error_handlers(app: FastAPI) -> None:
     from vllm.v1.engine.exceptions import EngineDeadError
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError):
-        return error_response(exc)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError):
+    async def _validation_error(request: Request, exc: RequestValidationError):
         # FastAPI roots each location at the request part ('body', 'query')
         return error_response(validation_error(
-            [{**e, "loc": tuple(e.get("loc", ()))[1:]} for e in exc.errors()]))
+            [{**e, "loc": tuple(e.get("loc", ()))[1:]} for e in exc.errors()]),
+            request.url.path)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception):
+    async def _unexpected(request: Request, exc: Exception):
         logger.exception("unhandled error", exc_info=exc)
-        return error_response(APIError("internal server error; the server logged the details"))
+        return error_response(APIError("internal server error; the server logged the details"),
+                              request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException):
+    async def _http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code in _STARLETTE_STATUSES:
             cls = ERRORS_BY_STATUS[exc.status_code]
-            return error_response(cls(_unparsable_body(exc) or str(exc.detail)))
-        return JSONResponse(
-            error_body(exc.status_code, "invalid_request_error", str(exc.detail)),
-            status_code=exc.status_code,
-        )
+            return error_response(cls(_unparsable_body(exc) or str(exc.detail)),
+                                  request.url.path)
+        error = APIError(str(exc.detail))
+        error.status, error.type = exc.status_code, "invalid_request_error"
+        return error_response(error, request.url.path)
 
-    async def _vllm_error(_: Request, exc: Exception):
+    async def _vllm_error(request: Request, exc: Exception):
+        path = request.url.path
         if isinstance(getattr(exc, "error", None), APIError):  # ours, through vLLM's layer
-            return error_response(exc.error)
+            return error_response(exc.error, path)
         if isinstance(exc, EngineDeadError):
-            return error_response(EngineUnavailable("the engine process died"))
+            return error_response(EngineUnavailable("the engine process died"), path)
         error = create_error_response(exc).error
-        return error_response(error_for_status(error.code, error.message, error.param))
+        return error_response(error_for_status(error.code, error.message, error.param), path)
 
     for kind in (VLLMError, ValueError, TypeError, OverflowError, NotImplementedError):
         app.add_exception_handler(kind, _vllm_error)

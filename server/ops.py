@@ -1,4 +1,4 @@
-"""The routes around generation: models, tokenization, health, version, metrics."""
+"""The routes around generation: models, tokenization, health, load, version, metrics."""
 
 from __future__ import annotations
 
@@ -31,6 +31,13 @@ async def health(state: StateDep):
 async def ping(state: StateDep):
     """`vllm serve`'s liveness route: the same answer as /health."""
     return await health(state)
+
+
+@operations.get("/load")
+async def load(state: StateDep):
+    """`vllm serve`'s load route: the generation requests in flight (vLLM counts them only
+    with --enable-server-load-tracking; here always)."""
+    return {"server_load": state.admission.requests}
 
 
 @operations.get("/version")

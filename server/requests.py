@@ -10,16 +10,21 @@ with `steer_` belong to this server (a client's `vllm_xargs` may not set them).
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
+    Discriminator,
     PrivateAttr,
+    Tag,
     ValidationError,
     ValidationInfo,
     create_model,
     field_validator,
     model_validator,
+)
+from vllm.entrypoints.openai.chat_completion.protocol import (
+    BatchChatCompletionRequest as VllmBatchChatCompletionRequest,
 )
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionRequest as VllmChatCompletionRequest,
@@ -186,6 +191,32 @@ class CompletionRequest(SteeringFields, VllmCompletionRequest):
 
 
 GenerationRequest = ChatCompletionRequest | CompletionRequest
+
+
+class BatchChatCompletionRequest(SteeringFields, VllmBatchChatCompletionRequest):
+    """vLLM's batch of conversations sharing every other field (steering too)."""
+
+    def conversations(self) -> list[ChatCompletionRequest]:
+        """Each conversation as a chat request with the batch's declared fields."""
+        shared = self.model_dump(mode="json", exclude_unset=True,
+                                 include=set(type(self).model_fields) - {"messages"})
+        try:
+            return [ChatCompletionRequest.model_validate({**shared, "messages": conversation})
+                    for conversation in self.model_dump(mode="json")["messages"]]
+        except ValidationError as exc:
+            raise validation_error(exc.errors()) from None
+
+
+def _invocation_kind(body: Any) -> str:
+    return "ChatCompletionRequest" if isinstance(body, dict) and "messages" in body \
+        else "CompletionRequest"
+
+
+# SageMaker's `/invocations` body: a chat request if it has `messages`, else a completion one.
+InvocationRequest = Annotated[
+    Annotated[ChatCompletionRequest, Tag("ChatCompletionRequest")] |
+    Annotated[CompletionRequest, Tag("CompletionRequest")],
+    Discriminator(_invocation_kind)]
 
 
 class TokenizeCompletionRequest(StrictJSON, tokenize_protocol.TokenizeCompletionRequest):

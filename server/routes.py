@@ -1,5 +1,5 @@
-"""The generation routes: completions and chat completions, one path for both (`generate`),
-told apart by a `Dialect`.
+"""The generation routes: completions, chat completions (one conversation or a batch) and
+SageMaker's `/invocations`, one path for all (`generate`), told apart by a `Dialect`.
 
 A request's steering plan (`steering.methods.plan.Plan`) says which methods it uses. If one of
 them answers the request itself (a multi-pass orchestration), its events are rendered in the
@@ -22,14 +22,18 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.deps import Hold, HoldDep, ServerState, StateDep, require_api_key
-from server.dialects import CHAT, COMPLETION, Dialect
+from server.dialects import CHAT, COMPLETION, OPENAI, Dialect, Rendering
 from server.errors import ERROR_RESPONSES, in_band_error
-from server.requests import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from server.requests import (
+    BatchChatCompletionRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    InvocationRequest,
+)
 from server.responses import ChatCompletionResponse, CompletionResponse
 from server.serving import (
     ChoiceReports,
-    annotate_response,
-    annotate_stream,
     raise_error,
     tidy_choice,
 )
@@ -43,6 +47,7 @@ IGNORED_FIELDS_HEADER = "X-Steer-Ignored-Fields"
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)],
                    responses=ERROR_RESPONSES)
+sagemaker = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
 
 def _streamable(model) -> dict:
@@ -63,18 +68,76 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     return await generate(CHAT, body, request, state, hold)
 
 
+@router.post("/chat/completions/batch", response_model=ChatCompletionResponse)
+async def chat_completions_batch(body: BatchChatCompletionRequest, request: Request,
+                                 state: StateDep, hold: HoldDep):
+    """vLLM's batch route: each conversation is a chat request with the body's other fields
+    (steering included), all run at once; choice `i` answers conversation `i`, the usage is
+    the sum. One JSON answer (its body has no `stream` or `tools`)."""
+    _check_ignored(state, body.ignored_fields)
+    work = [asyncio.ensure_future(generated(CHAT, conversation, request, state, hold))
+            for conversation in body.conversations()]
+    try:
+        answers = await asyncio.gather(*work)
+    except BaseException:
+        for task in work:
+            task.cancel()
+        await asyncio.gather(*work, return_exceptions=True)
+        raise
+    hold.give_back()
+    usage = {key: sum(a["usage"][key] for a in answers)
+             for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    choices = [{**answer["choices"][0], "index": index} for index, answer in enumerate(answers)]
+    return JSONResponse({**answers[0], "choices": choices, "usage": usage})
+
+
+SAGEMAKER_ADAPTER_HEADER = "X-Amzn-SageMaker-Adapter-Identifier"
+
+
+@sagemaker.post("/invocations", responses=_streamable(ChatCompletionResponse))
+async def invocations(body: InvocationRequest, request: Request, state: StateDep,
+                      hold: HoldDep):
+    """SageMaker's inference route, as `vllm serve` has it: a body with `messages` is a chat
+    request, any other a completion request; the model is the adapter the header names (none:
+    the served model)."""
+    body.model = request.headers.get(SAGEMAKER_ADAPTER_HEADER)
+    dialect = CHAT if isinstance(body, ChatCompletionRequest) else COMPLETION
+    return await generate(dialect, body, request, state, hold)
+
+
 async def generate(dialect: Dialect, body: GenerationRequest, request: Request,
-                   state: ServerState, hold: Hold) -> Response:
-    """One generation request, whatever the dialect."""
-    if body.model is not None and body.model != state.model_name:
-        raise NotFound(f"model '{body.model}' is not served here; this server serves "
-                       f"'{state.model_name}'", param="model", code="model_not_found")
-    ignored = body.ignored_fields
+                   state: ServerState, hold: Hold, rendering: Rendering = OPENAI,
+                   ignored: list[str] | None = None) -> Response:
+    """One generation request, whatever the dialect, answered in `rendering`'s shape.
+    `ignored`: the unknown fields of the body the client sent (default: `body`'s)."""
+    ignored = body.ignored_fields if ignored is None else ignored
+    _check_ignored(state, ignored)
+    answer = await generated(dialect, body, request, state, hold)
+    if isinstance(answer, dict):
+        hold.give_back()
+        response = JSONResponse(rendering.whole(answer))
+    else:
+        response = event_stream(_giving_back(rendering.stream(answer), hold))
+    if ignored:  # percent-encoded: a field name may hold any character, a header may not
+        response.headers[IGNORED_FIELDS_HEADER] = ",".join(quote(f, safe="") for f in ignored)
+    return response
+
+
+def _check_ignored(state: ServerState, ignored: list[str]) -> None:
     if ignored and state.strict_fields:
         raise InvalidRequest(f"unknown field '{ignored[0]}' (this server runs with "
                              "--strict-fields)", ignored[0])
     if ignored:
         logger.info("ignored unknown request fields: %s", ", ".join(map(repr, ignored)))
+
+
+async def generated(dialect: Dialect, body: GenerationRequest, request: Request,
+                    state: ServerState, hold: Hold) -> dict | AsyncIterator[str]:
+    """One generation request's answer in its dialect: the whole answer, or its server-sent
+    events. Its engine sequences are taken into `hold`."""
+    if body.model is not None and body.model != state.model_name:
+        raise NotFound(f"model '{body.model}' is not served here; this server serves "
+                       f"'{state.model_name}'", param="model", code="model_not_found")
     prompts = body.prompts() if isinstance(body, CompletionRequest) else [None]
     for prompt in prompts:
         if isinstance(prompt, list):
@@ -85,26 +148,25 @@ async def generate(dialect: Dialect, body: GenerationRequest, request: Request,
     except EngineBusy as exc:
         state.metrics.count_error(plan, exc)
         raise
+    for method in plan.methods_used:
+        if (method.orchestrates and dialect.prompt_ids is None) or \
+                (method.prepares and dialect.conversation is None):
+            raise InvalidRequest(f"{method.param} is not available on this route (it answers "
+                                 "with choices made of many engine requests); it is on "
+                                 "/v1/chat/completions, /v1/completions and /v1/messages",
+                                 method.param)
     plan.check(body)
     orchestrator = plan.orchestrator
     if orchestrator is not None:
-        response = await _orchestrated(dialect, state, body, plan, orchestrator, request)
-    else:
-        response = await _served(dialect, state, body, plan, request)
-    if isinstance(response, StreamingResponse):
-        response.body_iterator = _giving_back(response.body_iterator, hold)
-    else:
-        hold.give_back()
-    if ignored:  # percent-encoded: a field name may hold any character, a header may not
-        response.headers[IGNORED_FIELDS_HEADER] = ",".join(quote(f, safe="") for f in ignored)
-    return response
+        return await _orchestrated(dialect, state, body, plan, orchestrator, request)
+    return await _served(dialect, state, body, plan, request)
 
 
 async def _served(dialect: Dialect, state: ServerState, body: GenerationRequest, plan: Plan,
-                  request: Request) -> Response:
+                  request: Request) -> dict | AsyncIterator[str]:
     """vLLM's serving layer answers; the session steers every engine request it makes."""
     metrics = state.metrics
-    if body.use_beam_search and (plan.used or plan.return_entropy):
+    if getattr(body, "use_beam_search", False) and (plan.used or plan.return_entropy):
         raise InvalidRequest("use_beam_search does not combine with steering: vLLM's beam "
                              "search makes its own one-token engine requests, which no "
                              "steering method or entropy trace reaches", "use_beam_search")
@@ -122,21 +184,21 @@ async def _served(dialect: Dialect, state: ServerState, body: GenerationRequest,
         metrics.count_error(plan, exc)
         raise
     if hasattr(result, "model_dump"):
-        data = annotate_response(result.model_dump(), reports)
+        data = dialect.annotate(result, reports)
         for index in sorted(session.choices):
             reports.finished(index)
         reports.request_finished(time.time())
-        return JSONResponse(data)
+        return data
 
     async def events() -> AsyncIterator[str]:
         try:
-            async for event in annotate_stream(result, reports, plan.return_entropy):
+            async for event in dialect.annotate_stream(result, reports, plan.return_entropy):
                 yield event
             reports.request_finished(time.time())
         except BaseException as exc:
             metrics.count_error(plan, exc)
             raise
-    return _event_stream(events())
+    return events()
 
 
 async def _prepared(dialect: Dialect, state: ServerState, body: GenerationRequest, plan: Plan,
@@ -144,6 +206,8 @@ async def _prepared(dialect: Dialect, state: ServerState, body: GenerationReques
     """The request after each method's pass before generation, if it has one (which may set
     each prompt's sampling and outcomes in `session`)."""
     for method in plan.methods_used:
+        if not method.prepares:
+            continue
         conversation = dialect.conversation(body, state.serving, state.engine)
         body = await method.prepare(plan.used[method.name], conversation, session,
                                     state.method_states.get(method.name))
@@ -151,7 +215,8 @@ async def _prepared(dialect: Dialect, state: ServerState, body: GenerationReques
 
 
 async def _orchestrated(dialect: Dialect, state: ServerState, body: GenerationRequest,
-                        plan: Plan, orchestrator: Method, request: Request) -> Response:
+                        plan: Plan, orchestrator: Method,
+                        request: Request) -> dict | AsyncIterator[str]:
     """A request a method answers itself: its answers as the choices; streamed as one
     progress chunk per event, then the choices. The passes before generation run first; the
     sampling they set for the prompt is the orchestration's."""
@@ -230,7 +295,7 @@ async def _orchestrated(dialect: Dialect, state: ServerState, body: GenerationRe
             if body.stream_options and body.stream_options.include_usage:
                 yield _event({**envelope([], True), "usage": usage(answers)})
             yield "data: [DONE]\n\n"
-        return _event_stream(chunks())
+        return chunks()
 
     answers = await _cancel_on_disconnect(request, counted(_answers(events)))
     choices = [tidy_choice({**dialect.choice_text(answer.text, False),
@@ -239,7 +304,7 @@ async def _orchestrated(dialect: Dialect, state: ServerState, body: GenerationRe
     if body.return_token_ids:
         for choice in choices:
             choice["prompt_token_ids"] = prompt
-    return JSONResponse({**envelope(choices, False), "usage": usage(answers)})
+    return {**envelope(choices, False), "usage": usage(answers)}
 
 
 async def _answers(events: AsyncIterator) -> list[Answer]:
@@ -280,7 +345,7 @@ def _event(chunk: dict) -> str:
     return f"data: {json.dumps(chunk)}\n\n"
 
 
-def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

@@ -43,15 +43,18 @@ class FrontendOptions:
 
 
 class OpenAIServing:
-    """vLLM's chat, completion and tokenization serving objects over `client`."""
+    """vLLM's chat, completion, Responses, Anthropic Messages and tokenization serving
+    objects over `client`."""
 
     def __init__(self, client, model_name: str, model_path: str,
                  options: FrontendOptions) -> None:
         """`client`: the engine client vLLM's serving objects talk to."""
+        from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
         from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
         from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
         from vllm.entrypoints.openai.models.protocol import BaseModelPath
         from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+        from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
         from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
         from vllm.renderers.chat_utils import load_chat_template
         from vllm.renderers.online_renderer import OnlineRenderer
@@ -77,6 +80,16 @@ class OpenAIServing:
             return_tokens_as_token_ids=options.return_tokens_as_token_ids,
             enable_prompt_tokens_details=options.enable_prompt_tokens_details)
         self.tokenization = ServingTokenization(self.models, self.renderer, **shared)
+        self.responses = OpenAIServingResponses(
+            client, self.models, self.renderer, request_logger=None,
+            return_tokens_as_token_ids=options.return_tokens_as_token_ids,
+            enable_prompt_tokens_details=options.enable_prompt_tokens_details, **shared,
+            **tools)
+        self.messages = AnthropicServingMessages(
+            client, self.models, options.response_role, online_renderer=self.renderer,
+            request_logger=None, return_tokens_as_token_ids=options.return_tokens_as_token_ids,
+            enable_prompt_tokens_details=options.enable_prompt_tokens_details, **shared,
+            **tools)
 
     async def chat_prompt_ids(self, request) -> list[int]:
         """The token ids vLLM would generate from for a chat request (template, tools)."""
@@ -99,13 +112,15 @@ def raise_error(result) -> None:
         raise error_for_status(result.error.code, result.error.message, result.error.param)
 
 
-def without_nulls(value):
-    """An answer with every null that OpenAI's schema does not allow dropped."""
+def without_nulls(value, nullable: frozenset[str] = NULLABLE_KEYS,
+                  opaque: frozenset[str] = frozenset()):
+    """An answer with every null that the schema does not allow dropped: `nullable` keys keep
+    theirs; the values under `opaque` keys (a client's own JSON schema) are left as sent."""
     if isinstance(value, dict):
-        return {k: without_nulls(v) for k, v in value.items()
-                if v is not None or k in NULLABLE_KEYS}
+        return {k: v if k in opaque else without_nulls(v, nullable, opaque)
+                for k, v in value.items() if v is not None or k in nullable}
     if isinstance(value, list):
-        return [without_nulls(v) for v in value]
+        return [without_nulls(v, nullable, opaque) for v in value]
     return value
 
 

@@ -47,7 +47,8 @@ def server(tmp_path_factory, reward_scorer, prm_path) -> LocalServer:
     _, reward_url = reward_scorer
     proc = steer_server(tmp_path_factory.mktemp("server") / "server.log",
                         "--reward-url", reward_url, "--reward-timeout", str(REWARD_TIMEOUT_S),
-                        "--prm", str(prm_path), api_key=API_KEY, admin_key=ADMIN_KEY)
+                        "--prm", str(prm_path), api_key=API_KEY, admin_key=ADMIN_KEY,
+                        env={"VLLM_ENABLE_RESPONSES_API_STORE": "1"})  # as vLLM stores them
     yield proc
     proc.stop()
 
@@ -125,10 +126,14 @@ def reward_scorer():
 def _answer_matches_its_response_model(response: httpx.Response) -> None:
     """Every JSON answer of a generation route the tests get is what /openapi.json says it is
     (vLLM's answer and the typed `steering` report, which allows no undocumented key)."""
+    from server.anthropic_messages import MessagesResponse
+    from server.openai_responses import SteeredResponse
     from server.responses import ChatCompletionResponse, CompletionResponse
 
     model = {"/v1/chat/completions": ChatCompletionResponse,
-             "/v1/completions": CompletionResponse}.get(response.request.url.path)
+             "/v1/chat/completions/batch": ChatCompletionResponse,
+             "/v1/completions": CompletionResponse, "/v1/responses": SteeredResponse,
+             "/v1/messages": MessagesResponse}.get(response.request.url.path)
     if model is not None and response.status_code == 200 and \
             response.headers.get("content-type", "").startswith("application/json"):
         response.read()

@@ -63,12 +63,13 @@ class LocalServer:
 
 
 def steer_server(log_path: Path, *extra: str, api_key: str | None = None,
-                 admin_key: str | None = None) -> LocalServer:
-    """`steer serve` in vLLM's default (compiled) mode, artifacts in a folder beside the log."""
+                 admin_key: str | None = None, env: dict | None = None) -> LocalServer:
+    """`steer serve` in vLLM's default (compiled) mode, artifacts in a folder beside the log;
+    `env` adds to its environment."""
     cmd = [sys.executable, "-m", "clients.cli", "serve",
            "--artifacts-dir", str(log_path.parent / "artifacts"), *extra]
     if api_key:
         cmd += ["--api-key", api_key]
     if admin_key:
         cmd += ["--admin-key", admin_key]
-    return LocalServer(cmd, log_path).wait_healthy()
+    return LocalServer(cmd, log_path, env).wait_healthy()

@@ -196,6 +196,7 @@ class Method:
     takes_over_sampling: ClassVar[bool] = False  # its processor applies the row's own chain
     in_orchestration: ClassVar[bool] = True  # an orchestration may run it in its engine requests
     orchestrates: ClassVar[bool] = False  # it answers the request itself (`answer`)
+    prepares: ClassVar[bool] = False  # it has a pass before generation (`prepare`)
 
     @property
     def key(self) -> str:

@@ -1,5 +1,6 @@
-"""Apps written for `vllm serve` pointed at this server, unchanged: LangChain, instructor and
-its_hub's particle filter (the reference implementation of the ePF paper's baseline)."""
+"""Apps written for `vllm serve` pointed at this server, unchanged: LangChain, instructor,
+its_hub's particle filter (the reference implementation of the ePF paper's baseline), the OpenAI
+Agents SDK (on the Responses and the Chat Completions routes) and pydantic-ai."""
 
 from __future__ import annotations
 
@@ -97,3 +98,70 @@ def test_its_hub_particle_filter_drives_the_server(server):
     for answer in answers:
         text = answer["content"] if isinstance(answer, dict) else str(answer)
         assert isinstance(text, str) and text.strip(), json.dumps(answer)
+
+
+def _weather_agent(server, model_class, calls: list[str]):
+    """An agent that must call its function tool (`tool_choice: required`) before answering."""
+    from agents import Agent, ModelSettings, function_tool
+    from openai import AsyncOpenAI
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        calls.append(city)
+        return f"It is sunny in {city}."
+
+    client = AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0,
+                         timeout=120)
+    return Agent(name="weather", instructions="Answer briefly.", tools=[get_weather],
+                 model=model_class(model=MODEL, openai_client=client),
+                 model_settings=ModelSettings(tool_choice="required", max_tokens=60,
+                                              temperature=0))
+
+
+@pytest.mark.parametrize("model_class", ["OpenAIResponsesModel", "OpenAIChatCompletionsModel"])
+def test_agents_sdk_runs_with_a_required_tool(server, model_class):
+    """The OpenAI Agents SDK, plain and streamed: the tool is called with a city, its result
+    goes back to the model (a `function_call_output` turn on Responses, a `tool` message on
+    chat), and the run ends with the model's answer."""
+    import agents
+
+    agents.set_tracing_disabled(True)
+    calls: list[str] = []
+    agent = _weather_agent(server, getattr(agents, model_class), calls)
+
+    async def run():
+        whole = await agents.Runner.run(agent, "What is the weather in Paris?", max_turns=4)
+        streamed = agents.Runner.run_streamed(agent, "What is the weather in Rome?",
+                                              max_turns=4)
+        kinds = {event.type async for event in streamed.stream_events()}
+        return whole, streamed, kinds
+
+    whole, streamed, kinds = asyncio.run(run())
+    assert len(calls) >= 2 and all(isinstance(city, str) and city for city in calls)
+    assert isinstance(whole.final_output, str) and whole.final_output
+    assert isinstance(streamed.final_output, str) and streamed.final_output
+    assert "raw_response_event" in kinds and "run_item_stream_event" in kinds
+    tool_outputs = [item for item in whole.new_items if item.type == "tool_call_output_item"]
+    assert tool_outputs and "sunny" in tool_outputs[0].output
+
+
+def _pydantic_ai_model(server):
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    return OpenAIChatModel(MODEL, provider=OpenAIProvider(base_url=f"{server.base_url}/v1",
+                                                          api_key=API_KEY))
+
+
+@pytest.mark.parametrize("output", ["NativeOutput", "ToolOutput"])
+def test_pydantic_ai_structured_output(server, output):
+    """pydantic-ai's native structured output (a JSON schema response format) and its tool
+    output (a forced tool call): the result is a validated `Cat` either way."""
+    import pydantic_ai
+
+    agent = pydantic_ai.Agent(_pydantic_ai_model(server),
+                              output_type=getattr(pydantic_ai, output)(Cat),
+                              model_settings={"temperature": 0, "max_tokens": 200})
+    result = agent.run_sync("Describe a cat.")
+    assert isinstance(result.output, Cat)

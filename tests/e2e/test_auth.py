@@ -1,13 +1,14 @@
-"""Keys on every route of the OpenAPI schema: the API key for /v1/*, the admin key for artifact
-writes, /health, /ping, /version and /metrics open to probes and scrapers; listings never show
-server paths."""
+"""Keys on every route of the OpenAPI schema: the API key for /v1/* and /invocations (as
+`Authorization: Bearer` or, as Anthropic's SDKs send it, `x-api-key`), the admin key for
+artifact writes, /health, /ping, /load, /version and /metrics open to probes and scrapers;
+listings never show server paths."""
 
 import httpx
 import pytest
 
 from tests.conftest import ADMIN_KEY, API_KEY
 
-OPEN = {"/health", "/ping", "/version", "/metrics"}  # the documented policy: probes and
+OPEN = {"/health", "/ping", "/load", "/version", "/metrics"}  # the documented policy: probes and
 # scrapers need no key
 WRONG = [None, "Bearer", f"Basic {API_KEY}", f"Bearer {API_KEY}x", f"Bearer {API_KEY[:-1]}",
          f"Bearer {ADMIN_KEY[:-1]}", b"Bearer \xff\xfe"]  # Authorization headers
@@ -16,7 +17,8 @@ WRONG = [None, "Bearer", f"Basic {API_KEY}", f"Bearer {API_KEY}x", f"Bearer {API
 def operations(server) -> list[tuple[str, str]]:
     """(method, path) of every operation the server documents, path parameters filled in."""
     paths = httpx.get(f"{server.base_url}/openapi.json").json()["paths"]
-    return [(method.upper(), path.replace("{name}", "no-such-artifact"))
+    return [(method.upper(), path.replace("{name}", "no-such-artifact")
+             .replace("{response_id}", "resp_no_such_response"))
             for path, item in paths.items() for method in item]
 
 
@@ -29,7 +31,8 @@ def call(server, method: str, path: str, key: str | None = None, **headers) -> h
 
 def test_every_v1_route_needs_the_api_key(server):
     ops = operations(server)
-    assert {path for _, path in ops} >= OPEN | {"/v1/completions", "/v1/steering/vectors"}
+    assert {path for _, path in ops} >= OPEN | {"/v1/completions", "/v1/steering/vectors",
+                                                "/v1/responses", "/v1/messages", "/invocations"}
     for method, path in ops:
         if path in OPEN:
             assert call(server, method, path).status_code == 200, path
@@ -41,6 +44,17 @@ def test_every_v1_route_needs_the_api_key(server):
             assert r.headers["www-authenticate"] == "Bearer"
         for key in (API_KEY, ADMIN_KEY):  # past the key check: whatever the route says next
             assert call(server, method, path, key).status_code != 401, (method, path)
+
+
+def test_the_key_may_come_as_x_api_key(server):
+    """Anthropic's SDKs send `x-api-key`: accepted on every route the API key opens, checked
+    the same way."""
+    for method, path in operations(server):
+        if path in OPEN:
+            continue
+        wrong = call(server, method, path, **{"x-api-key": API_KEY + "x"})
+        assert wrong.status_code == 401, (method, path)
+        assert call(server, method, path, **{"x-api-key": API_KEY}).status_code != 401, path
 
 
 def test_artifact_writes_need_the_admin_key(server):

@@ -21,9 +21,10 @@ EXAMPLES = 30  # per operation and mode
 # token id beyond this model's vocabulary, a prompt beyond its context, an artifact name that
 # is not stored); those refusals are tested where they are made.
 CONFIG = schemathesis.Config.from_dict({"checks": {"positive_data_acceptance": {"enabled": False}}})
-GENERATION = {"/v1/completions", "/v1/chat/completions"}
+GENERATION = {"/v1/completions", "/v1/chat/completions", "/v1/chat/completions/batch",
+              "/invocations", "/v1/responses", "/v1/messages"}
 BUNDLED = {"explore", "default"}  # other tests use them: the fuzzer must not replace or delete
-LIMITS = {"max_tokens": 4, "max_completion_tokens": 4, "n": 2}
+LIMITS = {"max_tokens": 4, "max_completion_tokens": 4, "max_output_tokens": 4, "n": 2}
 STEERING_LIMITS = {"particles": {"n": 2, "max_steps": 2},
                    "deepconf": {"budget": 2, "warmup": 2, "parallel": 2},
                    "vreason": {"steps": 1}}  # 8 steps per token on a long prompt: a minute
@@ -51,12 +52,15 @@ def bounded(case) -> None:
         return
     if case.path not in GENERATION:
         return
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-        body["max_tokens"] = LIMITS["max_tokens"]  # unset: the rest of the context
+    limit = "max_output_tokens" if case.path == "/v1/responses" else "max_tokens"
+    if all(body.get(key) is None for key in ("max_tokens", "max_completion_tokens",
+                                              "max_output_tokens")):
+        body[limit] = LIMITS[limit]  # unset: the rest of the context
     _clamp(body, LIMITS)
-    if isinstance(body.get("prompt"), list) and body["prompt"] and isinstance(
-            body["prompt"][0], (str, list)):
-        body["prompt"] = body["prompt"][:2]
+    for key in ("prompt", "messages"):  # at most 2 prompts, or 2 conversations of a batch
+        if case.path != "/v1/messages" and isinstance(body.get(key), list) and body[key] \
+                and isinstance(body[key][0], (str, list)):
+            body[key] = body[key][:2]
     steering = body.get("steering")
     for method, limits in STEERING_LIMITS.items():
         if isinstance(steering, dict) and isinstance(steering.get(method), dict):

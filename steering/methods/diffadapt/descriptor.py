@@ -69,6 +69,7 @@ class DiffAdaptReport(ReportModel):
 class DiffAdapt(Method):
     name = "diffadapt"
     report_model = DiffAdaptReport
+    prepares = True
 
     def fields(self):
         return {"diffadapt": (DiffAdaptOptions | None, None)}
