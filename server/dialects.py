@@ -123,12 +123,26 @@ class CompletionConversation(Conversation):
             f.wrap(q) + f.prefill for q, f in zip(questions, framings)]})
 
 
+class Rendering:
+    """How a generation's answer (in its dialect's OpenAI shape: a whole answer, or its
+    server-sent events) is sent: as it is, or converted into another API family's answer."""
+
+    def whole(self, answer: dict) -> dict:
+        return answer
+
+    def stream(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        return events
+
+
+OPENAI = Rendering()
+
+
 @dataclass(frozen=True)
 class Dialect:
     """A generation route's answer shape and its ways into vLLM's serving layer.
-    `prompt_ids` and `choice_text` make an orchestration's answer (None: the route does not
-    carry orchestrations); `conversation`: how a method's pass before generation sees the
-    request (None: the route does not carry such passes)."""
+    `prompt_ids` is the prompt an orchestration answers; `from_chat` (None: the dialect has
+    choices of its own) turns an orchestration's answer, made in chat's shape, into the
+    dialect's; `conversation` is how a method's pass before generation sees the request."""
 
     object: str  # the answer's `object`; a stream chunk's is `chunk_object`
     chunk_object: str
@@ -136,9 +150,10 @@ class Dialect:
     create: Callable[[OpenAIServing, GenerationRequest, Request], Awaitable]
     annotate: Callable[[Any, ChoiceReports], dict]  # vLLM's whole answer, with the reports
     annotate_stream: Callable[[AsyncIterator, ChoiceReports, bool], AsyncIterator[str]]
-    prompt_ids: Callable[[OpenAIServing, GenerationRequest], Awaitable[list[list[int]]]] | None
-    conversation: type[Conversation] | None
+    prompt_ids: Callable[[OpenAIServing, GenerationRequest], Awaitable[list[list[int]]]]
+    conversation: type[Conversation]
     text_field: str = ""  # where a choice's text goes: "message" (chat) or "text"
+    from_chat: Callable[[GenerationRequest, Any], Rendering] | None = None
 
     def choice_text(self, text: str, stream: bool) -> dict:
         if self.text_field == "text":
@@ -163,17 +178,3 @@ COMPLETION = Dialect("text_completion", "text_completion", "cmpl",
                      _annotated, annotate_stream,
                      lambda serving, body: serving.completion_prompt_ids(body),
                      CompletionConversation, "text")
-
-
-class Rendering:
-    """How a generation's answer (in its dialect's OpenAI shape: a whole answer, or its
-    server-sent events) is sent: as it is, or converted into another API family's answer."""
-
-    def whole(self, answer: dict) -> dict:
-        return answer
-
-    def stream(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
-        return events
-
-
-OPENAI = Rendering()

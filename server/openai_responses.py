@@ -14,19 +14,21 @@ tokens' entropy when asked, and OpenAI's `Response` schema's shape where vLLM's 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from functools import cached_property
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
+from vllm.entrypoints.generate.base.protocol import StreamOptions
 from vllm.entrypoints.openai.responses.protocol import (
     ResponsesRequest as VllmResponsesRequest,
 )
-from vllm.entrypoints.openai.responses.protocol import ResponsesResponse
+from vllm.entrypoints.openai.responses.protocol import ResponsesResponse, ResponseUsage
 
 from server.deps import HoldDep, StateDep, require_api_key
-from server.dialects import Conversation, Dialect
+from server.dialects import Conversation, Dialect, Rendering
 from server.errors import ERROR_RESPONSES, in_band_error
 from server.requests import SteeringFields
 from server.routes import event_stream, generate
@@ -48,7 +50,8 @@ OPAQUE_KEYS = frozenset({"parameters", "schema", "metadata"})
 
 
 class ResponsesRequest(SteeringFields, VllmResponsesRequest):
-    """vLLM's Responses request with `steering` and the methods' request-level fields."""
+    """vLLM's Responses request with `steering` and the methods' request-level fields, and
+    the chat fields an orchestration reads, as a Response has them."""
 
     @property
     def n(self) -> None:
@@ -58,6 +61,19 @@ class ResponsesRequest(SteeringFields, VllmResponsesRequest):
     @property
     def token_limit(self) -> int | None:
         return self.max_output_tokens
+
+    @property
+    def logprobs(self) -> bool:
+        return self.is_include_output_logprobs()
+
+    @property
+    def return_token_ids(self) -> bool:
+        return False
+
+    @property
+    def stream_options(self) -> StreamOptions:
+        """A Response's stream ends with its usage."""
+        return StreamOptions(include_usage=True)
 
     def to_sampling_params(self, max_tokens: int, default_sampling_params: dict | None = None):
         """vLLM's conversion, tagged by the bound session."""
@@ -191,9 +207,9 @@ def _sse(event: dict) -> str:
     return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
 
 
-async def prompt_ids(serving, body: ResponsesRequest) -> list[int]:
+async def prompt_ids(serving, body: ResponsesRequest) -> list[list[int]]:
     """The token ids vLLM's Responses layer generates from (input, instructions, tools, the
-    stored previous response's turns)."""
+    stored previous response's turns), as the one prompt of the request."""
     previous = None
     if body.previous_response_id is not None:
         previous = serving.responses.response_store.get(body.previous_response_id)
@@ -202,7 +218,7 @@ async def prompt_ids(serving, body: ResponsesRequest) -> list[int]:
                            "previous_response_id")
     result = await serving.responses._render_resolved_response_inputs(body, previous)
     raise_error(result)
-    return list(result.engine_input["prompt_token_ids"])
+    return [list(result.engine_input["prompt_token_ids"])]
 
 
 class ResponsesConversation(Conversation):
@@ -249,13 +265,97 @@ class ResponsesConversation(Conversation):
         return ResponsesRequest.model_validate(fields)
 
     async def render(self, question: str, framing: Framing) -> list[int]:
-        return await prompt_ids(self.serving, self._asking(question, framing))
+        return (await prompt_ids(self.serving, self._asking(question, framing)))[0]
 
     def framed(self, questions: list[str], framings: list[Framing]) -> ResponsesRequest:
         return self._asking(questions[0], framings[0])
 
 
+class FromChat(Rendering):
+    """An orchestration's answer (made in chat's shape: one choice) as a Response: one output
+    message with the chosen text, and its stream as the Responses events, the
+    orchestration's progress in `response.in_progress` events."""
+
+    def __init__(self, body: ResponsesRequest, state) -> None:
+        self.body, self.model = body, state.model_name
+        self.id, self.created = body.request_id, int(time.time())
+        budget = body.max_output_tokens or state.engine.max_model_len
+        self.sampling = VllmResponsesRequest.to_sampling_params(body, budget, {})
+
+    def response(self, status: str, choice: dict | None = None, text: str = "",
+                 usage: dict | None = None) -> dict:
+        """The Response, in progress or (with the chosen `choice` and its `text`) done."""
+        output = [] if choice is None else [self.message(text)]
+        response = ResponsesResponse.from_request(
+            self.body, self.sampling, model_name=self.model, created_time=self.created,
+            output=output, status=status, usage=None if usage is None else ResponseUsage(
+                input_tokens=usage["prompt_tokens"], output_tokens=usage["completion_tokens"],
+                total_tokens=usage["total_tokens"],
+                input_tokens_details={"cached_tokens": 0, "cache_write_tokens": 0},
+                output_tokens_details={}))
+        return tidy_response(_dumped(response), None if choice is None else choice["steering"])
+
+    def message(self, text: str | None) -> dict:
+        """The output message: with `text`, completed; without, as it starts."""
+        return {"id": f"msg_{self.id}", "type": "message", "role": "assistant",
+                "status": "in_progress" if text is None else "completed",
+                "content": [] if text is None else [self.part(text)]}
+
+    @staticmethod
+    def part(text: str) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def whole(self, answer: dict) -> dict:
+        [choice] = answer["choices"]
+        return self.response(_status(choice), choice, choice["message"]["content"],
+                             answer["usage"])
+
+    async def stream(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        number = 0
+
+        def event(kind: str, **fields) -> str:
+            nonlocal number
+            number += 1
+            return _sse({"type": kind, "sequence_number": number - 1, **fields})
+
+        yield event("response.created", response=self.response("in_progress"))
+        yield event("response.in_progress", response=self.response("in_progress"))
+        choice, text = None, ""
+        async for line in events:
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if "error" in chunk:
+                error = chunk["error"]
+                yield event("error", code=error["type"], message=error["message"],
+                            param=error["param"])
+                return
+            if "usage" in chunk:  # the last chunk
+                yield event("response.completed", response=self.response(
+                    _status(choice), choice, text, chunk["usage"]))
+                continue
+            if not chunk["choices"]:  # the orchestration's progress
+                yield event("response.in_progress", response=self.response("in_progress"),
+                            steering=chunk["steering"])
+                continue
+            [choice] = chunk["choices"]
+            at = {"item_id": f"msg_{self.id}", "output_index": 0, "content_index": 0}
+            text = choice["delta"]["content"]
+            yield event("response.output_item.added", output_index=0, item=self.message(None))
+            yield event("response.content_part.added", part=self.part(""), **at)
+            yield event("response.output_text.delta", delta=text, logprobs=[], **at)
+            yield event("response.output_text.done", text=text, logprobs=[], **at)
+            yield event("response.content_part.done", part=self.part(text), **at)
+            yield event("response.output_item.done", output_index=0,
+                        item={**self.message(text), "steering": choice["steering"]})
+
+
+def _status(choice: dict) -> str:
+    """vLLM's: a Response its token budget cut off is incomplete."""
+    return "incomplete" if choice["finish_reason"] == "length" else "completed"
+
+
 RESPONSES = Dialect("response", "response", "resp",
                     lambda serving, body, raw: serving.responses.create_responses(body, raw),
-                    _annotated, _annotated_stream, prompt_ids=None,
-                    conversation=ResponsesConversation)
+                    _annotated, _annotated_stream, prompt_ids, ResponsesConversation,
+                    from_chat=FromChat)

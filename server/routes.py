@@ -148,18 +148,15 @@ async def generated(dialect: Dialect, body: GenerationRequest, request: Request,
     except EngineBusy as exc:
         state.metrics.count_error(plan, exc)
         raise
-    for method in plan.methods_used:
-        if (method.orchestrates and dialect.prompt_ids is None) or \
-                (method.prepares and dialect.conversation is None):
-            raise InvalidRequest(f"{method.param} is not available on this route (it answers "
-                                 "with choices made of many engine requests); it is on "
-                                 "/v1/chat/completions, /v1/completions and /v1/messages",
-                                 method.param)
     plan.check(body)
     orchestrator = plan.orchestrator
-    if orchestrator is not None:
-        return await _orchestrated(dialect, state, body, plan, orchestrator, request)
-    return await _served(dialect, state, body, plan, request)
+    if orchestrator is None:
+        return await _served(dialect, state, body, plan, request)
+    answer = await _orchestrated(dialect, state, body, plan, orchestrator, request)
+    if dialect.from_chat is None:
+        return answer
+    rendering = dialect.from_chat(body, state)
+    return rendering.whole(answer) if isinstance(answer, dict) else rendering.stream(answer)
 
 
 async def _served(dialect: Dialect, state: ServerState, body: GenerationRequest, plan: Plan,
@@ -219,7 +216,8 @@ async def _orchestrated(dialect: Dialect, state: ServerState, body: GenerationRe
                         request: Request) -> dict | AsyncIterator[str]:
     """A request a method answers itself: its answers as the choices; streamed as one
     progress chunk per event, then the choices. The passes before generation run first; the
-    sampling they set for the prompt is the orchestration's."""
+    sampling they set for the prompt is the orchestration's. A dialect without choices of its
+    own gets the answer in chat's shape (`Dialect.from_chat` converts it)."""
     steering = plan.settings(state.engine, state.method_states)
     session = state.engine.client.open_session(steering, False)
     body = await _prepared(dialect, state, body, plan, session)
@@ -239,9 +237,10 @@ async def _orchestrated(dialect: Dialect, state: ServerState, body: GenerationRe
     arrival = time.monotonic()
     metrics.count_request(plan)
     rid, created = f"{dialect.id_prefix}-{uuid.uuid4().hex}", int(time.time())
+    shape = dialect if dialect.from_chat is None else CHAT
 
     def envelope(choices: list[dict], stream: bool) -> dict:
-        return {"id": rid, "object": dialect.chunk_object if stream else dialect.object,
+        return {"id": rid, "object": shape.chunk_object if stream else shape.object,
                 "created": created, "model": state.model_name, "choices": choices}
 
     def finished(index: int, answer: Answer) -> dict:
@@ -289,7 +288,7 @@ async def _orchestrated(dialect: Dialect, state: ServerState, body: GenerationRe
             finally:
                 await events.aclose()
             for index, answer in enumerate(answers):
-                choice = {**dialect.choice_text(answer.text, True), **finished(index, answer)}
+                choice = {**shape.choice_text(answer.text, True), **finished(index, answer)}
                 yield _event(envelope([choice], True))
             metrics.e2e.labels(*label).observe(time.monotonic() - arrival)
             if body.stream_options and body.stream_options.include_usage:
@@ -298,7 +297,7 @@ async def _orchestrated(dialect: Dialect, state: ServerState, body: GenerationRe
         return chunks()
 
     answers = await _cancel_on_disconnect(request, counted(_answers(events)))
-    choices = [tidy_choice({**dialect.choice_text(answer.text, False),
+    choices = [tidy_choice({**shape.choice_text(answer.text, False),
                             **finished(index, answer)}) for index, answer in enumerate(answers)]
     metrics.e2e.labels(*label).observe(time.monotonic() - arrival)
     if body.return_token_ids:

@@ -143,6 +143,8 @@ ORCHESTRATION_FIELDS = frozenset({
     "frequency_penalty", "repetition_penalty", "seed", "ignore_eos", "return_token_ids",
     "steering", "user", "metadata", "store", "service_tier", "request_id", "stop",
     "logprobs", "top_logprobs", "echo", "add_generation_prompt", "priority",
+    "input", "instructions", "max_output_tokens", "previous_response_id",  # Responses'
+    "tool_choice",  # without `tools` (refused) it can only say "no tool"; Responses sets it
 })
 
 

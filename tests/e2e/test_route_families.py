@@ -272,12 +272,55 @@ def test_messages_take_the_key_as_anthropic_sends_it(server):
         {"role": "user", "content": "x"}]).input_tokens > 0
 
 
-@pytest.mark.parametrize("steering", [{"particles": {"n": 2, "max_steps": 2}},
-                                      {"deepconf": {"budget": 2, "warmup": 2}}])
-def test_orchestrations_on_the_responses_route_are_a_400_naming_them(http, steering):
-    r = http.post("/v1/responses", json=responses_body(steering))
+@pytest.mark.parametrize("steering", [
+    {"particles": {"n": 2, "max_steps": 2}},
+    {"deepconf": {"budget": 3, "warmup": 2}},
+])
+def test_an_orchestration_answers_a_response_as_it_answers_chat(http, steering):
+    """Same prompt, same seed: the orchestration's answer and report on the Responses route
+    are the chat route's; streamed, its progress arrives in `response.in_progress` events and
+    every event holds to OpenAI's schema."""
+    name = next(iter(steering))
+    r = http.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "seed": 5,
+        "temperature": 0.8, "max_tokens": TOKENS, "steering": steering})
+    assert r.status_code == 200, r.text
+    [choice] = r.json()["choices"]
+    body = responses_body(steering, seed=5, temperature=0.8)
+    response = http.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    validate(RESPONSE, data)
+    [message] = data["output"]
+    assert message["content"][0]["text"] == choice["message"]["content"]
+    assert _close(message["steering"][name], choice["steering"][name])
+    assert data["usage"]["output_tokens"] == r.json()["usage"]["completion_tokens"]
+    stream = events(http, "/v1/responses", body)
+    for _, event in stream:
+        validate(RESPONSE_STREAM_EVENT, event)
+    progress = [e for _, e in stream if e["type"] == "response.in_progress" and "steering" in e]
+    assert progress and all(name in e["steering"] for e in progress)
+    [done] = [e for _, e in stream if e["type"] == "response.completed"]
+    assert done["response"]["output"][0]["content"][0]["text"] == choice["message"]["content"]
+    assert _close(done["response"]["steering"][name], choice["steering"][name])
+
+
+def _close(a, b) -> bool:
+    """Equal, floats to 1e-4 (the particles share engine steps in different company)."""
+    if isinstance(a, float) or isinstance(b, float):
+        return a == pytest.approx(b, abs=1e-4)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_fields_an_orchestration_cannot_honour_on_responses_are_a_400(http):
+    r = http.post("/v1/responses", json=responses_body(
+        {"particles": {"n": 2, "max_steps": 2}}, tools=[{"type": "function", **TOOL}]))
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["param"] == f"steering.{next(iter(steering))}"
+    assert r.json()["error"]["param"] == "tools"
 
 
 def test_diffadapt_frames_a_responses_request_as_a_chat_one(http):
