@@ -20,8 +20,8 @@ QUESTION = "Tell me about the sea."
 TOKENS = 16
 ALWAYS = {"signal": "entropy", "above": -1.0}
 # EAST moves the greedy answer; the gate fires on every token (top_k 3 keeps greedy greedy);
-# the entropy lists come back.
-STEERING = {"east": {"vector": "explore", "scale": 4.0},
+# typical sampling is reported (greedy keeps its top token); the entropy lists come back.
+STEERING = {"east": {"vector": "explore", "scale": 4.0}, "typical": {"p": 0.9},
             "gates": [{**ALWAYS, "then": {"top_k": 3}}], "return_entropy": True}
 TOOL = {"name": "get_weather", "description": "The weather in a city.",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -82,7 +82,8 @@ def _same_steering(report: dict, chat_answer: dict) -> None:
     """The same methods acted on the same tokens (entropies to float noise: another request in
     the same engine steps changes the batch's arithmetic a little)."""
     expected = chat_answer["choices"][0]["steering"]
-    assert report["methods"] == expected["methods"] == ["east", "gates"]
+    assert report["methods"] == expected["methods"] == ["east", "gates", "typical"]
+    assert report["typical"] == expected["typical"] == {"p": 0.9}
     [gate], [expected_gate] = report["gates"]["gates"], expected["gates"]["gates"]
     assert gate["fired"] == expected_gate["fired"] == list(range(TOKENS))
     assert report["token_entropy"] == pytest.approx(expected["token_entropy"], abs=1e-3)
@@ -234,6 +235,42 @@ def test_anthropic_sdk_create_stream_tools(server):
                                                 "content": "Sunny, 24 degrees"}]}])
     assert answered.content[0].type == "text" and answered.content[0].text
     assert answered.usage.input_tokens > forced.usage.input_tokens
+
+
+def test_a_system_prompt_and_stored_turns_render_as_chat_would(http):
+    """Anthropic's `system`, the Responses API's `instructions`, and a stored response
+    continued by `previous_response_id`, each give the prompt (and the greedy answer) of the
+    chat request with the same turns."""
+    system = "You answer in French."
+    question = [{"role": "user", "content": QUESTION}]
+    asked = {"model": MODEL, "max_tokens": TOKENS, "temperature": 0,
+               "messages": [{"role": "system", "content": system}, *question]}
+    expected = http.post("/v1/chat/completions", json=asked).json()
+    text = expected["choices"][0]["message"]["content"]
+    message = http.post("/v1/messages", json=messages_body(system=system)).json()
+    assert message["content"][0]["text"] == text
+    first = http.post("/v1/responses", json=responses_body(instructions=system)).json()
+    assert first["output"][0]["content"][0]["text"] == text
+    assert first["usage"]["input_tokens"] == expected["usage"]["prompt_tokens"]
+
+    stored = http.get(f"/v1/responses/{first['id']}")  # the server stores (as vLLM, when asked)
+    assert stored.status_code == 200, stored.text
+    validate(RESPONSE, stored.json())
+    assert stored.json()["output"][0]["content"][0]["text"] == text
+    follow_up = "Say it again."
+    chat_body = {**asked, "messages": [*asked["messages"],
+                                       {"role": "assistant", "content": text},
+                                       {"role": "user", "content": follow_up}]}
+    expected = http.post("/v1/chat/completions", json=chat_body).json()
+    second = http.post("/v1/responses", json=responses_body(
+        input=follow_up, instructions=system, previous_response_id=first["id"],
+        steering={"return_entropy": True})).json()
+    validate(RESPONSE, second)
+    assert second["output"][0]["content"][0]["text"] == \
+        expected["choices"][0]["message"]["content"]
+    assert len(second["steering"]["token_entropy"]) == second["usage"]["output_tokens"]
+    missing = http.post("/v1/responses", json=responses_body(previous_response_id="resp_none"))
+    assert missing.status_code == 404, missing.text
 
 
 def test_count_tokens_counts_the_prompt_the_model_gets(http, steered_chat):
