@@ -5,10 +5,13 @@ vLLM's own Responses serving code does the work (input items, `instructions`, fu
 and every `tool_choice`, `function_call_output` turns, `text.format`, streaming events,
 `store` / `previous_response_id` / background / retrieve / cancel as vLLM does them, which
 store only when the server runs with `VLLM_ENABLE_RESPONSES_API_STORE=1`); the request's
-engine request is steered through a session, as on chat. The answer gains the `steering`
-report (on the Response and on each output message), streamed text and argument deltas their
-tokens' entropy when asked, and OpenAI's `Response` schema's shape where vLLM's differs (an
-`error` key always, no `null` where the schema wants a value or nothing).
+engine request is steered through a session, as on chat, after DiffAdapt's pass when asked
+(`ResponsesConversation`). A method that answers the request itself (the particle filter,
+DeepConf) runs on the prompt vLLM's Responses layer renders, and its answer becomes a Response
+(`FromChat`). The answer gains the `steering` report (on the Response and on each output
+message), streamed text and argument deltas their tokens' entropy when asked, and OpenAI's
+`Response` schema's shape where vLLM's differs (an `error` key always, no `null` where the
+schema wants a value or nothing).
 """
 
 from __future__ import annotations
@@ -160,7 +163,8 @@ async def _annotated_stream(events: AsyncIterator, reports: ChoiceReports,
     """vLLM's events as server-sent events: each delta gains the entropy of the tokens
     produced since the previous one (when asked), the final response the report."""
     sent = 0
-    async for event in _events(events):
+    async for event in _events(events, lambda exc: reports.metrics.count_error(reports.plan,
+                                                                              exc)):
         kind = event["type"]
         if kind.endswith(".delta") and return_entropy:
             record = reports.session.record(0)
@@ -178,13 +182,15 @@ async def _tidy_events(events: AsyncIterator) -> AsyncIterator[str]:
         yield _sse(event)
 
 
-async def _events(events: AsyncIterator) -> AsyncIterator[dict]:
+async def _events(events: AsyncIterator, failed=None) -> AsyncIterator[dict]:
     """vLLM's stream events as OpenAI's schema has them; an error raised mid-stream becomes
-    an `error` event."""
+    an `error` event (and is passed to `failed`)."""
     try:
         async for event in events:
             yield tidy_event(_dumped(event))
     except Exception as exc:  # the status line is gone: report in-band
+        if failed is not None:
+            failed(exc)
         error = in_band_error(exc)["error"]
         yield {"type": "error", "code": error["type"], "message": error["message"],
                "param": error["param"], "sequence_number": -1}
