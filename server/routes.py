@@ -74,7 +74,8 @@ async def chat_completions_batch(body: BatchChatCompletionRequest, request: Requ
     """vLLM's batch route: each conversation is a chat request with the body's other fields
     (steering included), all run at once; choice `i` answers conversation `i`, the usage is
     the sum. One JSON answer (its body has no `stream` or `tools`)."""
-    _check_ignored(state, body.ignored_fields)
+    ignored = body.ignored_fields
+    _check_ignored(state, ignored)
     work = [asyncio.ensure_future(generated(CHAT, conversation, request, state, hold))
             for conversation in body.conversations()]
     try:
@@ -88,7 +89,7 @@ async def chat_completions_batch(body: BatchChatCompletionRequest, request: Requ
     usage = {key: sum(a["usage"][key] for a in answers)
              for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
     choices = [{**answer["choices"][0], "index": index} for index, answer in enumerate(answers)]
-    return JSONResponse({**answers[0], "choices": choices, "usage": usage})
+    return _naming(JSONResponse({**answers[0], "choices": choices, "usage": usage}), ignored)
 
 
 SAGEMAKER_ADAPTER_HEADER = "X-Amzn-SageMaker-Adapter-Identifier"
@@ -118,6 +119,11 @@ async def generate(dialect: Dialect, body: GenerationRequest, request: Request,
         response = JSONResponse(rendering.whole(answer))
     else:
         response = event_stream(_giving_back(rendering.stream(answer), hold))
+    return _naming(response, ignored)
+
+
+def _naming(response: Response, ignored: list[str]) -> Response:
+    """`response` with the ignored fields named in its header."""
     if ignored:  # percent-encoded: a field name may hold any character, a header may not
         response.headers[IGNORED_FIELDS_HEADER] = ",".join(quote(f, safe="") for f in ignored)
     return response

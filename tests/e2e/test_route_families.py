@@ -396,11 +396,12 @@ def test_an_orchestration_rides_the_messages_route(http):
 
 def test_the_batch_route_answers_each_conversation_as_chat(http, steered_chat, plain_chat):
     r = http.post("/v1/chat/completions/batch", json={
-        "model": MODEL, "max_tokens": TOKENS, "temperature": 0,
+        "model": MODEL, "max_tokens": TOKENS, "temperature": 0, "stream": True,
         "steering": STEERING,
         "messages": [[{"role": "user", "content": QUESTION}],
                      [{"role": "user", "content": "Name a color."}]]})
     assert r.status_code == 200, r.text
+    assert r.headers["X-Steer-Ignored-Fields"] == "stream"  # vLLM's batch never streams
     data = r.json()
     first, second = data["choices"]
     assert [first["index"], second["index"]] == [0, 1]
