@@ -144,8 +144,9 @@ ORCHESTRATION_FIELDS = frozenset({
     "steering", "user", "metadata", "store", "service_tier", "request_id", "stop",
     "logprobs", "top_logprobs", "echo", "add_generation_prompt", "priority",
     "input", "instructions", "max_output_tokens", "previous_response_id",  # Responses'
-    "tool_choice",  # without `tools` (refused) it can only say "no tool"; Responses sets it
 })
+# `tool_choice` saying "no tool" where there are none (the Responses API always sets one).
+NO_TOOL = (None, "none", "auto")
 
 
 @dataclass(frozen=True)
@@ -312,6 +313,8 @@ class Method:
         requests do not honour, and methods that cannot run in them."""
         allowed = ORCHESTRATION_FIELDS.union(*(m.request_fields() for m in plan.methods_used
                                                if m.in_orchestration))
+        if not getattr(request, "tools", None) and getattr(request, "tool_choice", None) in NO_TOOL:
+            allowed = allowed | {"tool_choice"}
         unsupported = sorted(set(request.model_fields_set) - allowed)
         if unsupported:
             raise InvalidRequest(f"{self.param} does not combine with {', '.join(unsupported)} "

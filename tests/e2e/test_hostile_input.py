@@ -37,25 +37,29 @@ def _clamp(values: dict, limits: dict) -> None:
             values[key] = limit
 
 
-def bounded(case) -> None:
+def bounded(case, negative: bool) -> None:
     """Keep each generated case cheap to serve: generation routes make at most 2 × 4 tokens per
     prompt (and 2 prompts, 2 particles × 2 steps, 2 DeepConf traces, 1 V-Reason step per update),
     where the schema
     allows the whole context; values the server must reject stay as they are. The bundled
-    artifacts other tests need keep their names."""
+    artifacts other tests need keep their names. A schema-invalid (`negative`) case only gets
+    a budget where it has none and may have none: cutting a list or lowering a value could make
+    it valid (a third conversation that breaks the schema, cut off), and the server must reject
+    it as made."""
     for values in (case.path_parameters, case.body):
         if isinstance(values, dict) and isinstance(values.get("name"), str) and \
                 values["name"] in BUNDLED:
             values["name"] += "-fuzz"
     body = case.body
-    if not isinstance(body, dict):
-        return
-    if case.path not in GENERATION:
+    if not isinstance(body, dict) or case.path not in GENERATION:
         return
     limit = "max_output_tokens" if case.path == "/v1/responses" else "max_tokens"
-    if all(body.get(key) is None for key in ("max_tokens", "max_completion_tokens",
-                                              "max_output_tokens")):
+    required = case.path == "/v1/messages"  # Anthropic's max_tokens: its absence is invalid
+    if not (negative and required) and all(body.get(key) is None for key in (
+            "max_tokens", "max_completion_tokens", "max_output_tokens")):
         body[limit] = LIMITS[limit]  # unset: the rest of the context
+    if negative:
+        return
     _clamp(body, LIMITS)
     for key in ("prompt", "messages"):  # at most 2 prompts, or 2 conversations of a batch
         if case.path != "/v1/messages" and isinstance(body.get(key), list) and body[key] \
@@ -109,7 +113,7 @@ def test_every_route_survives_fuzzing(server, mode):
         @settings(max_examples=EXAMPLES, deadline=None, phases=[Phase.explicit, Phase.generate],
                   suppress_health_check=list(HealthCheck), database=None)
         def fuzz(case):
-            bounded(case)
+            bounded(case, mode is GenerationMode.NEGATIVE)
             calls[operation.label] += 1
             case.call_and_validate(base_url=server.base_url, timeout=120,
                                    headers={"Authorization": f"Bearer {ADMIN_KEY}"})
