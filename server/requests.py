@@ -19,6 +19,7 @@ from pydantic import (
     Tag,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     create_model,
     field_validator,
     model_validator,
@@ -213,10 +214,14 @@ def _invocation_kind(body: Any) -> str:
 
 
 # SageMaker's `/invocations` body: a chat request if it has `messages`, else a completion one.
+# Documented as either (`anyOf`): a chat body is often a valid completion body too, which a
+# `oneOf` would call invalid.
 InvocationRequest = Annotated[
     Annotated[ChatCompletionRequest, Tag("ChatCompletionRequest")] |
     Annotated[CompletionRequest, Tag("CompletionRequest")],
-    Discriminator(_invocation_kind)]
+    Discriminator(_invocation_kind),
+    WithJsonSchema({"anyOf": [{"$ref": f"#/components/schemas/{model.__name__}"}
+                              for model in (ChatCompletionRequest, CompletionRequest)]})]
 
 
 class TokenizeCompletionRequest(StrictJSON, tokenize_protocol.TokenizeCompletionRequest):
