@@ -31,7 +31,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
 
 from server.deps import HoldDep, StateDep, require_api_key
 from server.dialects import CHAT, Rendering
-from server.errors import ANTHROPIC_ERROR_RESPONSES, validation_error
+from server.errors import ANTHROPIC_ERROR_RESPONSES, anthropic_error_body, validation_error
 from server.requests import ChatCompletionRequest, SteeringFields, StrictJSON
 from server.routes import generate
 from server.serving import raise_error
@@ -178,7 +178,5 @@ def _event(name: str, payload: dict) -> str:
 
 def _error_event(error: dict) -> str:
     """An error after the stream began, as Anthropic sends it."""
-    from server.errors import anthropic_error_body
-
     mapped = error_for_status(error.get("code") or 500, error.get("message") or "internal error")
     return _event("error", anthropic_error_body(mapped))
