@@ -10,6 +10,7 @@ with `steer_` belong to this server (a client's `vllm_xargs` may not set them).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from pydantic import (
@@ -53,7 +54,9 @@ class StrictJSON(BaseModel):
     strings for enums). `null` for a top-level field means the field is unset, as the OpenAI
     API treats it. Errors vLLM's own validators raise on ill-typed input (e.g.
     `AttributeError` on `"structured_outputs": false`) become validation errors, so a bad body
-    is a 400 rather than a 500."""
+    is a 400 rather than a 500. Fields typed `Iterable` (e.g. the tools of an OpenAI
+    `additional_tools` input item) are validated too: pydantic checks them only when they are
+    iterated, so they are made lists here."""
 
     @model_validator(mode="wrap")
     @classmethod
@@ -63,10 +66,30 @@ class StrictJSON(BaseModel):
         if info.mode != "python" or not isinstance(data, dict):
             return _without_crashes(handler, data)
         try:
-            return cls.model_validate_json(json.dumps(data), strict=True)
+            return _iterables_validated(cls.model_validate_json(json.dumps(data), strict=True))
         except ValidationError as exc:
             _without_crashes(handler, data)  # invalid even laxly: pydantic's own error (so a
             raise validation_error(exc.errors()) from None  # union tries its next member)
+
+
+def _iterables_validated(value, loc: tuple = ()):
+    """`value` with every lazily validated iterable in it replaced by the list it yields,
+    which validates each item (an invalid one raises pydantic's error, located in the body)."""
+    if isinstance(value, Iterator):
+        try:
+            value = list(value)
+        except ValidationError as exc:
+            raise ValidationError.from_exception_data(exc.title, [
+                {**error, "loc": (*loc, *error["loc"])} for error in exc.errors()]) from None
+    if isinstance(value, BaseModel):
+        fields = vars(value)
+    elif isinstance(value, dict | list):
+        fields = value
+    else:
+        return value
+    for key, item in (fields.items() if isinstance(fields, dict) else enumerate(fields)):
+        fields[key] = _iterables_validated(item, (*loc, key))
+    return value
 
 
 def _without_crashes(handler, data):

@@ -9,6 +9,7 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from server.errors import InvalidRequest, validation_error
+from server.openai_responses import ResponsesRequest
 from server.requests import ChatCompletionRequest, CompletionRequest, TokenizeRequest
 from server.serving import tidy_message, without_nulls
 from steering.engine.session import ORDINAL_KEY, SESSION_KEY, SteeringSession
@@ -188,3 +189,17 @@ def test_json_types_are_strict_at_every_depth(model, body, path, bad):
     parent = functools.reduce(operator.getitem, path[:-1], broken)
     parent[path[-1]] = bad
     assert refusal(model, broken).param == ".".join(map(str, path))
+
+
+
+def test_iterable_fields_are_validated_and_kept_as_lists():
+    """pydantic validates an `Iterable` field (OpenAI's typed dicts have many, e.g. the tools
+    of an `additional_tools` input item) only as it is iterated, and then only once: the
+    server validates it with the body and keeps the list."""
+    item = {"type": "additional_tools", "role": "developer",
+            "tools": [{"type": "mcp", "server_label": "docs", "require_approval": "never"}]}
+    request = ResponsesRequest.model_validate({"input": [item]})
+    tools = request.input[0]["tools"]
+    assert isinstance(tools, list) and [tool["require_approval"] for tool in tools] == ["never"]
+    item["tools"][0]["require_approval"] = "sometimes"
+    assert refusal(ResponsesRequest, {"input": [item]}).param.startswith("input.0.tools.0.")
