@@ -6,6 +6,7 @@ Final-phase entropy is the mean token entropy after the global peak of the entro
 paper's macro-exploitation phase), with the EMA computed the same way for every method.
 
     python -m clients.experiments.vreason_eval run --out docs/vreason
+    python -m clients.experiments.vreason_eval latency --rounds 5   (the latency ratios alone)
 """
 
 from __future__ import annotations
@@ -183,6 +184,37 @@ def plot(report: dict, path: Path) -> None:
     save_figure(figure, path)
 
 
+def paired_latency(args) -> None:
+    """Only the benchmark: per-token latency of V-Reason at each k against greedy, in paired
+    rounds on one server (the order alternates between rounds); each round's ratio to greedy
+    measured in that round, and their median."""
+    from clients.bench.local_server import steer_server
+
+    prompts = [p.question for p in generate(args.prompts, seed=5)]
+    methods = method_settings(args.every, [])
+    server = steer_server(Path(tempfile.mkdtemp()) / "server.log")
+    ratios: dict[str, list[float]] = {name: [] for name in methods if name != PLAIN}
+    try:
+        latency(server.base_url, prompts[:1], None, 8)  # warm-up
+        for round_ in range(args.rounds):
+            order = list(methods.items())
+            seconds = {name: latency(server.base_url, prompts, vreason, args.tokens)
+                       for name, vreason in (order if round_ % 2 == 0 else order[::-1])}
+            for name in ratios:
+                ratios[name].append(seconds[name] / seconds[PLAIN])
+            print(json.dumps({"round": round_, **{f"{name} ms/token": 1000 * value
+                                                  for name, value in seconds.items()}}),
+                  flush=True)
+    finally:
+        server.stop()
+    print(f"\nPer-token latency against greedy, {args.rounds} paired rounds of {args.prompts} "
+          f"prompts × {args.tokens} tokens, one request at a time\n")
+    print("| method | ratio per round | median |\n|---|---|---|")
+    for name, values in ratios.items():
+        print(f"| {name} | {', '.join(f'{v:.2f}' for v in values)} | "
+              f"{statistics.median(values):.2f}× |")
+
+
 def markdown(report: dict) -> str:
     """Means with 95% bootstrap intervals over problems; under each V-Reason row, its paired
     difference from greedy on the same problems."""
@@ -235,7 +267,13 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--concurrency", type=int, default=4)
     r.add_argument("--latency-prompts", type=int, default=8)
     r.add_argument("--latency-tokens", type=int, default=64)
-    run(parser.parse_args(argv))
+    t = sub.add_parser("latency", help="only the per-token latency against greedy")
+    t.add_argument("--rounds", type=int, default=5)
+    t.add_argument("--prompts", type=int, default=4)
+    t.add_argument("--tokens", type=int, default=64)
+    t.add_argument("--every", type=int, nargs="+", default=[2, 8])
+    args = parser.parse_args(argv)
+    (run if args.command == "run" else paired_latency)(args)
 
 
 if __name__ == "__main__":

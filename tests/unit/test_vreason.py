@@ -17,7 +17,8 @@ from steering.methods.vreason.core import (
     attention_output,
     attention_weights,
     norm_preserving,
-    switching_loss,
+    output_entropy,
+    switching_gradient,
     tune_values,
 )
 from tests import vreason_reference
@@ -46,23 +47,27 @@ def test_after_the_global_peak_the_sign_stays_negative():
     assert phase.peak == peak and signs == [-1] * 5
 
 
-def test_switching_loss_is_signed_kl_to_uniform():
-    logits = torch.tensor([2.0, 0.5, -1.0, 0.0])
-    p = torch.softmax(logits, 0)
-    kl = float((p * (p.log() - math.log(1 / 4))).sum())
-    for alpha in (1, -1):
-        loss, entropy = switching_loss(logits, alpha)
-        assert float(loss) == pytest.approx(alpha * kl, rel=1e-6)
-        assert float(entropy) == pytest.approx(float(-(p * p.log()).sum()), rel=1e-6)
+@pytest.mark.parametrize("alpha", [1, -1])
+def test_switching_gradient_is_autograds_gradient_of_signed_kl_to_uniform(alpha):
+    """The closed form against autograd on the loss as the paper writes it, α · KL(p ‖ U)."""
+    generator = torch.Generator().manual_seed(0)
+    lm_head, hidden = torch.randn(64, 8, generator=generator), torch.randn(8, generator=generator)
+    reference = hidden.clone().requires_grad_()
+    p = torch.softmax(lm_head @ reference, 0)
+    loss = alpha * (p * (p.log() - math.log(1 / 64))).sum()
+    loss.backward()
+    entropy, gradient = switching_gradient(lm_head, hidden, torch.tensor(float(alpha)))
+    assert float(entropy) == pytest.approx(float(-(p * p.log()).sum()), rel=1e-6)
+    assert float(entropy) == pytest.approx(float(output_entropy(lm_head, hidden)), rel=1e-6)
+    torch.testing.assert_close(gradient, reference.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("alpha", [1, -1])
 def test_a_gradient_step_on_the_loss_moves_entropy_with_the_sign(alpha):
-    logits = torch.randn(50, generator=torch.Generator().manual_seed(0)).requires_grad_()
-    loss, before = switching_loss(logits, alpha)
-    loss.backward()
-    with torch.no_grad():
-        _, after = switching_loss(logits - 0.1 * logits.grad, alpha)
+    generator = torch.Generator().manual_seed(0)
+    lm_head, hidden = torch.randn(50, 8, generator=generator), torch.randn(8, generator=generator)
+    before, gradient = switching_gradient(lm_head, hidden, torch.tensor(float(alpha)))
+    after = output_entropy(lm_head, hidden - 0.1 * gradient)
     assert (after - before) * alpha > 0  # +1 raises the entropy, -1 lowers it
 
 

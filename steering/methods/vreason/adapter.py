@@ -160,6 +160,7 @@ class ValueCacheTuner(WorkerPart):
         if self.unsupported is None:
             with torch.inference_mode(False):  # weights that autograd may save for backward
                 self.tail = self._load_tail(runner)
+            self.tail.compile()
         else:
             logger.warning("V-Reason is not available on this engine (its requests get a 400): "
                            "%s", self.unsupported)
