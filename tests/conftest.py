@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
-from clients.bench.local_server import LocalServer, free_port, steer_server
+from clients.bench.local_server import LocalServer, steer_server
+from clients.bench.reward_scorer import ScorerHandler, scorer_url
 
 API_KEY = "test-key"
 ADMIN_KEY = "test-admin-key"
@@ -51,43 +47,6 @@ def server(tmp_path_factory, reward_scorer, prm_path) -> LocalServer:
                         env={"VLLM_ENABLE_RESPONSES_API_STORE": "1"})  # as vLLM stores them
     yield proc
     proc.stop()
-
-
-class ScorerHandler(BaseHTTPRequestHandler):
-    """The HTTP reward contract's server side: POST {"prompt", "trajectories"} →
-    {"scores": [...]}, one score per trajectory from `scores`, which subclasses define."""
-
-    def scores(self, trajectories: list[str]) -> list[float] | None:
-        """The scores to answer, or None for a 500."""
-        raise NotImplementedError
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-        scores = self.scores(body["trajectories"])
-        if scores is None:
-            self.send_response(500)
-            self.end_headers()
-            return
-        data = json.dumps({"scores": scores}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-@contextmanager
-def scorer_url(handler: type[ScorerHandler]) -> Iterator[str]:
-    """A reward service on loopback answering with `handler`, for as long as the block runs."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/score"
-    finally:
-        httpd.shutdown()
 
 
 class _Scorer(ScorerHandler):
