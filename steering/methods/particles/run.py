@@ -122,13 +122,13 @@ class ParticleRun:
         options = replace(self.sampling, max_tokens=left,
                           stop=(self.options.step_delimiter,), include_stop_str_in_output=True,
                           seed=None if seed is None else seed + 7919 * self._calls)
-        text, tokens, entropy, varentropy, finish, stop_reason = "", [], [], [], None, None
-        async for delta in self.engine.generate(self.prompt_ids + done, options, self.steering):
-            text += delta.text
-            tokens += delta.token_ids
-            if delta.trace is not None:
-                entropy, varentropy = delta.trace.window(0, len(tokens))
-            finish, stop_reason = delta.finish_reason, delta.stop_reason
+        ended = None
+        async for ended in self.engine.generate(self.prompt_ids + done, options, self.steering,
+                                                deltas=False):
+            pass  # the step arrives once, when it ends: no per-token work in this process
+        text, tokens = ended.text, ended.token_ids
+        entropy, varentropy = ended.trace.window(0, len(tokens))
+        finish, stop_reason = ended.finish_reason, ended.stop_reason
         self.generated_tokens += len(tokens)
         at_delimiter = finish == "stop" and stop_reason == self.options.step_delimiter
         finished = (not at_delimiter or len(tokens) >= left
