@@ -57,7 +57,8 @@ def test_seeded_requests_repeat(http):
         "final_scores"]
 
 
-def scored_run(http, reward_scorer, mode: str, seed: int, **options) -> tuple[dict, int]:
+def scored_run(http, reward_scorer, mode: str, seed: int | None,
+               **options) -> tuple[dict, int]:
     """A run whose rewards come from the loopback scorer in `mode`, one word per step (so every
     run has its steps): its report and the number of scoring calls it made."""
     scorer, _ = reward_scorer
@@ -73,6 +74,27 @@ def scored_run(http, reward_scorer, mode: str, seed: int, **options) -> tuple[di
 
 def resampled(report: dict) -> list[dict]:
     return [s for s in report["steps"] if s["resampled"]]
+
+
+def test_particles_step_ahead_of_resampling_unless_seeded(http, server, reward_scorer):
+    """A particle that ends its step starts its next one at once, and its first copy after
+    resampling takes it. With flat rewards, systematic resampling keeps every particle once,
+    so every step after the first iteration is one started ahead and none is discarded; a
+    seeded request starts none (its steps' seeds follow the order of the engine calls)."""
+    def steps_ahead() -> dict[str, float]:
+        page = httpx.get(f"{server.base_url}/metrics").text
+        return {outcome: metric(page, "steer_particle_steps_ahead_total", outcome=outcome)
+                for outcome in ("taken", "discarded")}
+
+    before = steps_ahead()
+    report, _ = scored_run(http, reward_scorer, "flat", None, max_steps=4)
+    after = steps_ahead()
+    assert all(s["ancestors"] in ([0, 1, 2, 3], []) for s in report["steps"])
+    later = sum(s["live"] for s in report["steps"][1:])
+    assert later > 0  # one word per step: some particle always goes on
+    assert after == {"taken": before["taken"] + later, "discarded": before["discarded"]}
+    scored_run(http, reward_scorer, "flat", 7, max_steps=4)
+    assert steps_ahead() == after
 
 
 @pytest.mark.parametrize("annealing", ["ess", "entropy", "base", "none"])

@@ -76,6 +76,7 @@ class ParticleMeters:
     temperature: object
     steps: object
     resamples: object
+    steps_ahead: object
 
 
 class Particles(Method):
@@ -157,7 +158,11 @@ class Particles(Method):
                             labels, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
                             registry=registry),
             resamples=Counter("steer_particle_resamples", "Particle-filter resampling events",
-                              labels, registry=registry))
+                              labels, registry=registry),
+            steps_ahead=Counter("steer_particle_steps_ahead", "Particle steps started ahead of "
+                                "resampling, by outcome: taken by a resampled particle, or "
+                                "discarded (cancelled)", (*labels, "outcome"),
+                                registry=registry))
 
     def answer(self, options: ParticleOptions, job):
         """One progress event per iteration, then the selected particle."""

@@ -4,6 +4,14 @@ Every iteration sends one engine request per live particle, all at once (vLLM ba
 the prompt plus the particle's tokens so far, generating until the step delimiter. vLLM's prefix
 cache holds the shared prompt and every trajectory's full KV blocks, so a particle re-prefills
 only its last partial block and its new step; resampled copies share their ancestor's blocks.
+
+A particle that ends its step before the iteration's slowest starts its next step at once,
+ahead of resampling, instead of leaving its place in the batch idle: resampling reads only the
+steps already scored, so that next step is a sample from the same distribution the particle's
+first copy would draw after resampling, and that copy takes it; a particle no copy descends
+from has its step cancelled. Seeded requests do not step ahead (each step's seed follows the
+order of the engine calls, which resampling decides), nor does Look-ahead Modulation (its
+look-ahead steps are this iteration's, and are discarded).
 Rewards: `self_certainty` from the step's per-token entropy (the engine's telemetry), a process
 reward model on a second engine (`--prm`), or an external HTTP scorer (`rewards`).
 """
@@ -88,6 +96,9 @@ class ParticleRun:
         self.prompt_text = engine.tokenizer.decode(prompt_ids)
         self.generated_tokens = 0
         self._calls = 0
+        self._iterations = 0
+        self._steps_ahead = sampling.seed is None and not options.lookahead
+        self._ahead: dict[tuple[int, ...], asyncio.Task[Step]] = {}  # by trajectory so far
 
     async def run(self, on_step=None) -> ParticleResult:
         o = self.options
@@ -105,17 +116,47 @@ class ParticleRun:
                 await on_step(report)
 
         pf = ParticleFilter(settings, seed=self.sampling.seed, on_step=observed)
-        chosen, particles, reports = await pf.run(self._extend, self._score)
+        try:
+            chosen, particles, reports = await pf.run(self._extend, self._score)
+        finally:
+            self._steps_ahead = False  # a step still running after a failure starts no other
+            self._discard(self._ahead.values())
         self.meters.steps.labels(*self.label).observe(len(reports))
         return ParticleResult(chosen=chosen, chosen_index=particles.index(chosen),
                               particles=particles, reports=reports,
                               generated_tokens=self.generated_tokens)
 
     async def _extend(self, particles: list[Particle]) -> list[Step]:
-        return list(await asyncio.gather(*(self._step(p) for p in particles)))
+        """One step for each particle: the step it started ahead when it has one, else a new
+        engine request; the steps started ahead that no particle takes are cancelled."""
+        self._iterations += 1
+        ahead, self._ahead = self._ahead, {}
+        trajectories = [p.token_ids for p in particles]
+        steps = [ahead.pop(tuple(done), None) for done in trajectories]
+        self._discard(ahead.values())
+        self.meters.steps_ahead.labels(*self.label, "taken").inc(
+            sum(step is not None for step in steps))
+        return list(await asyncio.gather(*(
+            self._then_ahead(done, step or asyncio.ensure_future(self._step(done)))
+            for done, step in zip(trajectories, steps))))
 
-    async def _step(self, particle: Particle) -> Step:
-        done = particle.token_ids
+    async def _then_ahead(self, done: list[int], step: asyncio.Future[Step]) -> Step:
+        """`step` once it has ended; a particle that goes on starts its next step at once."""
+        ended = await step
+        self.generated_tokens += len(ended.token_ids)
+        trajectory = tuple(done + ended.token_ids)
+        if (self._steps_ahead and not ended.finished and trajectory not in self._ahead
+                and self._iterations < self.options.max_steps):
+            self._ahead[trajectory] = asyncio.ensure_future(self._step(list(trajectory)))
+        return ended
+
+    def _discard(self, steps) -> None:
+        for step in steps:
+            step.cancel()
+            step.add_done_callback(_retrieved)
+            self.meters.steps_ahead.labels(*self.label, "discarded").inc()
+
+    async def _step(self, done: list[int]) -> Step:
         left = self.sampling.max_tokens - len(done)
         seed = self.sampling.seed
         self._calls += 1
@@ -129,7 +170,6 @@ class ParticleRun:
         text, tokens = ended.text, ended.token_ids
         entropy, varentropy = ended.trace.window(0, len(tokens))
         finish, stop_reason = ended.finish_reason, ended.stop_reason
-        self.generated_tokens += len(tokens)
         at_delimiter = finish == "stop" and stop_reason == self.options.step_delimiter
         finished = (not at_delimiter or len(tokens) >= left
                     or any(pattern in text for pattern in self.options.stop))
@@ -142,3 +182,10 @@ class ParticleRun:
         if self.options.reward == Reward.PRM:
             return await self.config.prm.score([self.prompt_text + p.text for p in particles])
         return [self_certainty(p.steps[-1].entropy) for p in particles]
+
+
+def _retrieved(step: asyncio.Future) -> None:
+    """A discarded step's outcome, read so that its error (if it ended in one) is not
+    reported as never retrieved."""
+    if not step.cancelled():
+        step.exception()
