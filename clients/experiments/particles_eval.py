@@ -11,6 +11,7 @@ prompts, same run).
 
     python -m clients.experiments.particles_eval run --out docs/particles
     python -m clients.experiments.particles_eval throughput --n 8 --rounds 2   (the ratio alone)
+    python -m clients.experiments.particles_eval its-hub --rounds 3   (against its_hub's ePF)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import json
 import math
+import re
 import statistics
 import tempfile
 import time
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import httpx
 
+from clients.bench.reward_scorer import ScorerHandler, scorer_url
 from clients.experiments.problems import Problem, generate, is_correct
 from clients.files import save_figure, write_text_atomic
 from clients.sdk import checked
@@ -108,25 +111,203 @@ def run(args) -> None:
     print(markdown(report))
 
 
+class EngineWatch:
+    """What the engine did while a method ran, from the server's Prometheus metrics: the batch
+    (requests running, sampled every `every` seconds) and the counters' increase (engine
+    requests, prompt tokens, prefix-cache hits)."""
+
+    COUNTERS = {"requests": "vllm:request_success_total",
+                "generated_tokens": "vllm:generation_tokens_total",
+                "prompt_tokens": "vllm:prompt_tokens_total",
+                "cache_queries": "vllm:prefix_cache_queries_total",
+                "cache_hits": "vllm:prefix_cache_hits_total"}
+
+    def __init__(self, url: str, every: float = 0.25) -> None:
+        self.url, self.every = url, every
+        self.running: list[float] = []
+
+    def _read(self) -> dict[str, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        values: dict[str, float] = {}
+        text = httpx.get(f"{self.url}/metrics", timeout=30).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+        return values
+
+    async def _sample(self) -> None:
+        while True:
+            values = await asyncio.to_thread(self._read)
+            self.running.append(values.get("vllm:num_requests_running", 0.0))
+            await asyncio.sleep(self.every)
+
+    async def watch(self, work) -> tuple[object, dict]:
+        """Run `work` (a coroutine); returns its result and what the engine did meanwhile."""
+        before = await asyncio.to_thread(self._read)
+        sampler = asyncio.create_task(self._sample())
+        try:
+            result = await work
+        finally:
+            sampler.cancel()
+        after = await asyncio.to_thread(self._read)
+        done = {key: after.get(name, 0.0) - before.get(name, 0.0)
+                for key, name in self.COUNTERS.items()}
+        return result, {"mean_running": statistics.fmean(self.running or [0.0]),
+                        "engine_requests": done["requests"],
+                        "generated_tokens": done["generated_tokens"],
+                        "prefilled_tokens": done["prompt_tokens"] - done["cache_hits"],
+                        "cache_hit_rate": done["cache_hits"] / max(done["cache_queries"], 1)}
+
+
 def throughput(args) -> None:
-    """Only the benchmark: ePF (EA) against best-of-n at each n, in alternating rounds on one
-    server (extra `steer serve` arguments after `--`)."""
+    """Only the benchmark: ePF (EA) against best-of-n at each n, in paired rounds on one server
+    (the order alternates between rounds; extra `steer serve` arguments after `--`), with what
+    the engine did for each (batch occupancy, prefill, prefix-cache hits)."""
     from clients.bench.local_server import steer_server
 
     problems = generate(args.problems, seed=3)
     server = steer_server(Path(tempfile.mkdtemp()) / "server.log", *args.server_args)
+    ratios: dict[int, list[float]] = {n: [] for n in args.n}
     try:
         for round_ in range(args.rounds):
             for n in args.n:
-                rows = [asyncio.run(solve(server.base_url, problems, method, n, args))
-                        for method in ("best-of-n", "ePF (EA)")]
-                print(json.dumps({"round": round_, "n": n,
-                                  "best_of_n_tokens_per_second": rows[0]["tokens_per_second"],
-                                  "epf_tokens_per_second": rows[1]["tokens_per_second"],
-                                  "ratio": rows[1]["tokens_per_second"]
-                                  / rows[0]["tokens_per_second"]}), flush=True)
+                methods = ("best-of-n", "ePF (EA)")[:: 1 if round_ % 2 == 0 else -1]
+                rows = {}
+                for method in methods:
+                    watch = EngineWatch(server.base_url)
+                    row, engine = asyncio.run(watch.watch(
+                        solve(server.base_url, problems, method, n, args)))
+                    rows[method] = {"tokens_per_second": row["tokens_per_second"],
+                                    "generated_tokens": sum(row["tokens"]), **engine}
+                ratio = (rows["ePF (EA)"]["tokens_per_second"]
+                         / rows["best-of-n"]["tokens_per_second"])
+                ratios[n].append(ratio)
+                print(json.dumps({"round": round_, "n": n, "ratio": ratio, **rows}), flush=True)
     finally:
         server.stop()
+    for n, values in ratios.items():
+        print(json.dumps({"n": n, "ratios": values, "median": statistics.median(values)}))
+
+
+EQUATION = re.compile(r"(-?\d+(?:\s*[-+]\s*\d+)+)\s*=\s*(-?\d+)")
+
+
+def arithmetic_reward(text: str) -> float:
+    """A rule-based process reward for sums: every `a ± b ± ... = c` written so far is
+    checked; s = (right + 1) / (checked + 2), so a trajectory with no equation scores 0.5 and
+    each wrong line pulls it down. It checks the work, not the answer (it knows no answer)."""
+    checked = right = 0
+    for left, result in EQUATION.findall(text):
+        terms = re.findall(r"[-+]?\s*\d+", left)
+        checked += 1
+        right += sum(int(t.replace(" ", "")) for t in terms) == int(result)
+    return (right + 1) / (checked + 2)
+
+
+class ArithmeticScorer(ScorerHandler):
+    def scores(self, trajectories: list[str]) -> list[float]:
+        return [arithmetic_reward(t) for t in trajectories]
+
+
+async def server_epf(url: str, problems: list[Problem], args) -> list[str]:
+    """The server's ePF (EA), the scorer called by the server once per iteration."""
+    async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
+        async def one(problem: Problem) -> str:
+            reply = checked(await client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": problem.question}],
+                "max_tokens": args.steps * args.step_tokens, "temperature": args.temperature,
+                "steering": {"particles": {
+                    "n": args.n, "step_delimiter": "\n", "max_steps": args.steps,
+                    "reward": "http", "annealing": "ess", "resampling": "systematic"}}}))
+            return reply["choices"][0]["message"]["content"]
+
+        return await gather_bounded([one(p) for p in problems], args.concurrency)
+
+
+async def its_hub_epf(url: str, scorer: str, problems: list[Problem], args) -> list[str]:
+    """its_hub's `EntropicParticleFiltering` (same annealing rule and resampling) driving the
+    same engine from the client, as its users run it against `vllm serve`: one chat request
+    per particle per step, the trajectory re-sent as an assistant prefix, the same scorer
+    called over HTTP once per step with every particle."""
+    from its_hub import AbstractProcessRewardModel, OpenAICompatibleLanguageModel, StepGeneration
+    from its_hub.core.algorithms.particle_gibbs import EntropicParticleFiltering
+
+    model = checked(httpx.get(f"{url}/v1/models"))["data"][0]["id"]
+    async with httpx.AsyncClient(timeout=600) as client:
+        class HttpReward(AbstractProcessRewardModel):
+            async def ascore(self, prompt, steps: list[str]) -> list[float]:
+                answer = checked(await client.post(scorer, json={
+                    "prompt": str(prompt), "trajectories": steps}))
+                return answer["scores"]
+
+            def score(self, prompt, steps):
+                raise NotImplementedError("asynchronous only")
+
+        lm = OpenAICompatibleLanguageModel(
+            endpoint=f"{url}/v1", api_key="none", model_name=model,
+            max_completion_tokens=args.step_tokens, temperature=args.temperature, max_tries=1)
+        generation = StepGeneration(max_steps=args.steps, step_token="\n",
+                                    temperature=args.temperature,
+                                    include_stop_str_in_output=True)
+        algorithm = EntropicParticleFiltering(generation, HttpReward())
+
+        async def one(problem: Problem) -> str:
+            answer = await algorithm.ainfer(lm, problem.question, budget=args.n)
+            return answer["content"] if isinstance(answer, dict) else str(answer)
+
+        return await gather_bounded([one(p) for p in problems], args.concurrency)
+
+
+async def gather_bounded(work: list, limit: int) -> list:
+    gate = asyncio.Semaphore(limit)
+
+    async def bounded(coroutine):
+        async with gate:
+            return await coroutine
+
+    return await asyncio.gather(*(bounded(w) for w in work))
+
+
+def versus_its_hub(args) -> None:
+    """The server's ePF against its_hub's client-side ePF on one server (its_hub's requests
+    are plain chat completions, which this server answers as `vllm serve` does), the same
+    problems, scorer, n, steps, temperature and step budget, in paired rounds (the order
+    alternates): the speed-up in wall time and in generated tokens per second (its_hub's
+    step generation runs every particle to `steps` + 1 steps and past the end of its answer;
+    the server's particle ends at the end of its answer), accuracy, and what the engine did."""
+    from clients.bench.local_server import steer_server
+
+    problems = generate(args.problems, seed=5, kinds=("sum",), levels=(3,))
+    ratios = []
+    with scorer_url(ArithmeticScorer) as scorer:
+        server = steer_server(Path(tempfile.mkdtemp()) / "server.log", "--reward-url", scorer)
+        try:
+            for round_ in range(args.rounds):
+                sides = ("server", "its_hub")[:: 1 if round_ % 2 == 0 else -1]
+                rows = {}
+                for side in sides:
+                    work = (server_epf(server.base_url, problems, args) if side == "server"
+                            else its_hub_epf(server.base_url, scorer, problems, args))
+                    started = time.monotonic()
+                    texts, engine = asyncio.run(EngineWatch(server.base_url).watch(work))
+                    seconds = time.monotonic() - started
+                    rows[side] = {
+                        "seconds": seconds,
+                        "accuracy": statistics.fmean(is_correct(t, p.answer)
+                                                     for t, p in zip(texts, problems)),
+                        "tokens_per_second": engine["generated_tokens"] / seconds, **engine}
+                ratio = {"time": rows["its_hub"]["seconds"] / rows["server"]["seconds"],
+                         "tokens_per_second": rows["server"]["tokens_per_second"]
+                         / rows["its_hub"]["tokens_per_second"]}
+                ratios.append(ratio)
+                print(json.dumps({"round": round_, "server_speed_up": ratio, **rows}),
+                      flush=True)
+        finally:
+            server.stop()
+    print(json.dumps({key: {"ratios": [r[key] for r in ratios],
+                            "median": statistics.median(r[key] for r in ratios)}
+                      for key in ratios[0]}))
 
 
 def markdown(report: dict) -> str:
@@ -207,8 +388,16 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--delimiter", default="\n")
     t.add_argument("--concurrency", type=int, default=4)
     t.add_argument("server_args", nargs="*", help="extra `steer serve` arguments (after --)")
+    v = sub.add_parser("its-hub", help="the server's ePF against its_hub's client-side ePF")
+    v.add_argument("--problems", type=int, default=12, help="three-number sums (level 3)")
+    v.add_argument("--n", type=int, default=4)
+    v.add_argument("--steps", type=int, default=4)
+    v.add_argument("--step-tokens", type=int, default=40)
+    v.add_argument("--temperature", type=float, default=0.8)
+    v.add_argument("--rounds", type=int, default=3)
+    v.add_argument("--concurrency", type=int, default=1, help="problems at a time")
     args = parser.parse_args(argv)
-    (run if args.command == "run" else throughput)(args)
+    {"run": run, "throughput": throughput, "its-hub": versus_its_hub}[args.command](args)
 
 
 if __name__ == "__main__":

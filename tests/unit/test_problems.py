@@ -32,3 +32,17 @@ def test_a_failed_write_leaves_the_old_file_and_no_leftover(tmp_path):
         write_text_atomic(tmp_path / "results.md", "new \ud800")
     assert (tmp_path / "results.md").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.md"]
+
+
+@pytest.mark.parametrize("text, score", [
+    ("no work shown", 1 / 2),
+    ("30 - 16 = 14\n14 + 20 = 34\nAnswer: 34", 3 / 4),
+    ("30 - 16 + 20 = 34", 2 / 3),
+    ("30 - 16 + 20 = 44", 1 / 3),
+    ("35+27=62\n62 - 87 = -25\n", 3 / 4),
+    ("35 + 27 = 62\n62 - 87 = 25\n", 2 / 4),
+])
+def test_the_arithmetic_process_reward_checks_each_written_sum(text, score):
+    from clients.experiments.particles_eval import arithmetic_reward
+
+    assert arithmetic_reward(text) == pytest.approx(score)
