@@ -98,7 +98,9 @@ class ParticleRun:
         self._calls = 0
         self._iterations = 0
         self._steps_ahead = sampling.seed is None and not options.lookahead
-        self._ahead: dict[tuple[int, ...], asyncio.Task[Step]] = {}  # by trajectory so far
+        # by trajectory so far: one per particle that started it (identical particles are
+        # still separate particles, each with its own copies)
+        self._ahead: dict[tuple[int, ...], list[asyncio.Future[Step]]] = {}
 
     async def run(self, on_step=None) -> ParticleResult:
         o = self.options
@@ -120,7 +122,7 @@ class ParticleRun:
             chosen, particles, reports = await pf.run(self._extend, self._score)
         finally:
             self._steps_ahead = False  # a step still running after a failure starts no other
-            self._discard(self._ahead.values())
+            self._discard(step for steps in self._ahead.values() for step in steps)
         self.meters.steps.labels(*self.label).observe(len(reports))
         return ParticleResult(chosen=chosen, chosen_index=particles.index(chosen),
                               particles=particles, reports=reports,
@@ -132,8 +134,9 @@ class ParticleRun:
         self._iterations += 1
         ahead, self._ahead = self._ahead, {}
         trajectories = [p.token_ids for p in particles]
-        steps = [ahead.pop(tuple(done), None) for done in trajectories]
-        self._discard(ahead.values())
+        steps = [ahead[key].pop() if ahead.get(key := tuple(done)) else None
+                 for done in trajectories]
+        self._discard(step for unclaimed in ahead.values() for step in unclaimed)
         self.meters.steps_ahead.labels(*self.label, "taken").inc(
             sum(step is not None for step in steps))
         return list(await asyncio.gather(*(
@@ -145,9 +148,10 @@ class ParticleRun:
         ended = await step
         self.generated_tokens += len(ended.token_ids)
         trajectory = tuple(done + ended.token_ids)
-        if (self._steps_ahead and not ended.finished and trajectory not in self._ahead
+        if (self._steps_ahead and not ended.finished
                 and self._iterations < self.options.max_steps):
-            self._ahead[trajectory] = asyncio.ensure_future(self._step(list(trajectory)))
+            self._ahead.setdefault(trajectory, []).append(
+                asyncio.ensure_future(self._step(list(trajectory))))
         return ended
 
     def _discard(self, steps) -> None:
