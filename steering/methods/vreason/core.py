@@ -145,10 +145,16 @@ def norm_preserving(values: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return shifted * norm / shifted.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def _output_log_probs(lm_head: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """log softmax(lm_head · hidden), written as a row reduction so that, compiled, the
+    product and the softmax are one streaming pass over the LM head."""
+    return torch.log_softmax((lm_head * hidden).sum(-1, dtype=torch.float32), -1)
+
+
 @torch.compile(dynamic=False)
 def output_entropy(lm_head: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """H(p), p = softmax(lm_head · hidden), in one pass over the LM head."""
-    logp = torch.log_softmax((lm_head * hidden).sum(-1, dtype=torch.float32), -1)
+    logp = _output_log_probs(lm_head, hidden)
     return -(logp.exp() * logp).sum()
 
 
@@ -163,7 +169,7 @@ def switching_gradient(lm_head: torch.Tensor, hidden: torch.Tensor,
     autograd read it twice. The backward product stays a plain matmul: a compiled column
     reduction sums in another order, enough to move Adam's near-zero gradient elements past
     the HF-parity tolerance."""
-    logp = torch.log_softmax((lm_head * hidden).sum(-1, dtype=torch.float32), -1)
+    logp = _output_log_probs(lm_head, hidden)
     p = logp.exp()
     entropy = -(p * logp).sum()
     dz = alpha * p * (logp + entropy)
