@@ -42,8 +42,6 @@ METHODS = {
 
 
 async def solve(url: str, problems: list[Problem], method: str, n: int, args) -> dict:
-    gate = asyncio.Semaphore(args.concurrency)
-
     async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
         async def one(problem: Problem) -> tuple[bool, int]:
             body = {"messages": [{"role": "user", "content": problem.question}],
@@ -54,8 +52,7 @@ async def solve(url: str, problems: list[Problem], method: str, n: int, args) ->
                 body["steering"] = {"particles": {
                     "n": n, "step_delimiter": args.delimiter, "max_steps": args.max_steps,
                     **METHODS[method]}}
-            async with gate:
-                reply = checked(await client.post("/v1/chat/completions", json=body))
+            reply = checked(await client.post("/v1/chat/completions", json=body))
             if method == "best-of-n":
                 best = max(reply["choices"], key=lambda c: certainty(c["steering"]))
                 text = best["message"]["content"]
@@ -64,7 +61,7 @@ async def solve(url: str, problems: list[Problem], method: str, n: int, args) ->
             return is_correct(text, problem.answer), reply["usage"]["completion_tokens"]
 
         started = time.monotonic()
-        results = await asyncio.gather(*(one(p) for p in problems))
+        results = await gather_bounded([one(p) for p in problems], args.concurrency)
         seconds = time.monotonic() - started
     tokens = sum(t for _, t in results)
     return {"method": "single sample" if n == 1 else method, "n": n,
@@ -260,6 +257,7 @@ async def its_hub_epf(url: str, scorer: str, problems: list[Problem], args) -> l
 
 
 async def gather_bounded(work: list, limit: int) -> list:
+    """The results of the coroutines `work`, at most `limit` running at once."""
     gate = asyncio.Semaphore(limit)
 
     async def bounded(coroutine):
