@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from server.models import CATALOG, fetched_folder
 from steering.engine.args import DEFAULT_VECTOR_SLOTS, check_model
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
@@ -27,9 +28,9 @@ def serve_parser():
         description="Serve the OpenAI-compatible API with entropy steering. Without a model, "
         "serves the bundled SmolLM2-135M-Instruct (converted once into the cache). "
         "`--model MODEL` (or a positional MODEL, or env STEER_MODEL) serves a local HF-format "
-        "folder or, as `vllm serve` does, a Hugging Face Hub id (org/name: vLLM fetches it into "
-        "the HF cache, and it is served under that name; HF_HUB_OFFLINE=1 limits it to the "
-        "cache). Every vLLM "
+        "folder, a model fetched with `steer models fetch NAME` (by NAME) or, as `vllm "
+        "serve` does, a Hugging Face Hub id (org/name: vLLM fetches it into the HF cache, and "
+        "it is served under that name; HF_HUB_OFFLINE=1 limits it to the cache). Every vLLM "
         "engine argument (--dtype, --max-model-len, --tensor-parallel-size, "
         "--gpu-memory-utilization, --enforce-eager, ...) is accepted and passed to the engine.",
     )
@@ -88,7 +89,8 @@ def serve_parser():
     parser.set_defaults(model=os.environ.get("STEER_MODEL"), dtype=None)
     for action in parser._actions:
         if "--model" in action.option_strings:
-            action.help = ("a local HF-format model folder or a Hugging Face Hub id (org/name, "
+            action.help = ("a local HF-format model folder, a model fetched with `steer models "
+                           "fetch NAME` (by NAME) or a Hugging Face Hub id (org/name, "
                            "fetched as `vllm serve` does; HF_HUB_OFFLINE=1 limits it to the "
                            "local HF cache). Default: the bundled SmolLM2-135M-Instruct (env "
                            "STEER_MODEL)")
@@ -98,7 +100,9 @@ def serve_parser():
 def resolve_model(args: argparse.Namespace) -> bool:
     """Settle `args.model` before the engine starts; returns whether it is the bundled model.
 
-    The bundled model (no model given) and an existing local path need no network, so the Hub
+    The bundled model (no model given), a model `steer models fetch` brought (by its catalog
+    name, served under it with its tool-call parser) and an existing local path need no
+    network, so the Hub
     stays off for them (HF_HUB_OFFLINE=1 unless the environment says otherwise). Any other
     name is a Hugging Face Hub id, left for vLLM to download as `vllm serve` does (the user's
     own HF_HUB_OFFLINE=1 limits it to the cache) and served under that id, once a cheap check
@@ -112,6 +116,15 @@ def resolve_model(args: argparse.Namespace) -> bool:
         args.model = str(ensure_default_model())
         args.served_model_name = args.served_model_name or [DEFAULT_MODEL_NAME]
         return True
+    if args.model in CATALOG:  # a model `steer models fetch` brings
+        stay_offline()
+        model = CATALOG[args.model]
+        args.served_model_name = args.served_model_name or [model.name]
+        if args.enable_auto_tool_choice is None and args.tool_call_parser is None:
+            args.enable_auto_tool_choice = bool(model.tool_call_parser) or None
+            args.tool_call_parser = model.tool_call_parser
+        args.model = str(fetched_folder(model.name))
+        return False
     if Path(args.model).exists():
         stay_offline()
         return False
@@ -241,7 +254,7 @@ def serve(args: argparse.Namespace) -> None:
 def artifacts_folder(args: argparse.Namespace, model_name: str) -> Path:
     """Where the steering artifacts live: --artifacts-dir, else a folder named after the served
     model name ('org/name', as a Hub id is served, becomes 'org--name')."""
-    from server.default_model import cache_dir
+    from server.models import cache_dir
 
     return Path(args.artifacts_dir or cache_dir() / "artifacts" / model_name.replace("/", "--"))
 

