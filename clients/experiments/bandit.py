@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from clients.cli.options import add_server_arguments, auth_headers
+from clients.experiments.runs import add_model_argument, experiment_server
 from clients.files import save_figure, write_text_atomic
 
 ARMS = "ABCDE"
@@ -162,7 +163,6 @@ def run(args) -> None:
     comparison with the unsteered row is paired by prompt): the variant (random histories,
     global centring, rescaled), the paper's (logged runs, Eq. 1, raw) and its shuffled
     control."""
-    from clients.bench.local_server import steer_server
     from clients.cli.vectors import east_from_samples, sample_east, upload
     from clients.experiments.stats import interval_text, mean_interval, paired_difference
     from steering.methods.east.core import Centring
@@ -171,7 +171,7 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     train, test = make_prompts(args.train, seed=1), make_prompts(args.test, seed=2)
     work = Path(tempfile.mkdtemp(prefix="steer-bandit-"))
-    server = steer_server(work / "server.log")
+    server = experiment_server(args, log=work / "server.log")
     url, headers = server.base_url, {}
     started = time.time()
 
@@ -241,7 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("prompts", help="write bandit prompts as JSONL to stdout")
     p.add_argument("--count", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
-    r = sub.add_parser("run", help="the whole experiment on the bundled model")
+    r = sub.add_parser("run", help="the whole experiment (on the bundled model unless "
+                       "--model)")
+    add_model_argument(r)
     r.add_argument("--out", default="docs/east")
     r.add_argument("--layer", type=int, default=15)
     r.add_argument("--train", type=int, default=48)

@@ -18,13 +18,13 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
 from clients.experiments.problems import ANSWER_FORMAT, Problem, generate
+from clients.experiments.runs import add_model_argument, experiment_server
 from clients.files import save_figure, write_text_atomic
 from clients.sdk import checked
 
@@ -61,12 +61,10 @@ async def solve(url: str, problems: list[Problem], method: str, args) -> dict:
 
 
 def run(args) -> None:
-    from clients.bench.local_server import steer_server
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     problems = generate(args.problems, seed=5, levels=tuple(args.levels))
-    server = None if args.url else steer_server(Path(tempfile.mkdtemp()) / "server.log")
+    server = None if args.url else experiment_server(args)
     url = args.url or server.base_url
     rows = []
     try:
@@ -182,9 +180,7 @@ async def mixed(url: str, deepconf: bool, args) -> dict:
 def throughput(args) -> None:
     """Paired rounds, order alternating: other users' tokens/s beside DeepConf against beside
     plain n-sampling of the same size, and the ratio per round."""
-    from clients.bench.local_server import steer_server
-
-    server = None if args.url else steer_server(Path(tempfile.mkdtemp()) / "server.log")
+    server = None if args.url else experiment_server(args)
     url = args.url or server.base_url
     ratios, multi = [], []
     try:
@@ -226,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--other-requests", type=int, default=6, help="requests per other client")
     for p, budget, max_tokens in ((r, 12, 96), (t, 8, 64)):
         p.add_argument("--url", help="use a running server instead of starting one")
+        add_model_argument(p)
         p.add_argument("--budget", type=int, default=budget)
         p.add_argument("--window", type=int, default=16)
         p.add_argument("--max-tokens", type=int, default=max_tokens)

@@ -27,6 +27,7 @@ import httpx
 
 from clients.cli.probes import label, probe_meta, train, upload
 from clients.experiments.problems import Problem, generate, is_correct
+from clients.experiments.runs import add_model_argument, experiment_server
 from clients.files import save_figure, write_text_atomic
 from clients.sdk import checked
 from steering.artifacts import write_artifact
@@ -108,13 +109,11 @@ def run(args) -> None:
     """One recipe: label, train and store a probe (or take the stored `--probe`), answer the
     held-out problems with every fixed strategy and with DiffAdapt; `out/<recipe>/results.json`
     keeps every problem's outcome so each comparison gets a paired interval."""
-    from clients.bench.local_server import steer_server
-
     out = Path(args.out)
     training = generate(args.train, seed=1)
     seen = {p.question for p in training}
     held_out = [p for p in generate(args.test * 2, seed=2) if p.question not in seen][:args.test]
-    server = None if args.url else steer_server(Path(tempfile.mkdtemp()) / "server.log")
+    server = None if args.url else experiment_server(args)
     url = args.url or server.base_url
     try:
         if args.probe:
@@ -235,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("run", help="the whole experiment")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--url", help="use a running server instead of starting one")
+    add_model_argument(r)
     r.add_argument("--probe-out", type=Path, help="also write the probe file here")
     r.add_argument("--train", type=int, default=360, help="training problems")
     r.add_argument("--test", type=int, default=150, help="held-out problems")

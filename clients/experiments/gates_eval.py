@@ -21,13 +21,13 @@ import asyncio
 import json
 import math
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
 from clients.experiments.bandit import make_prompts, sample_actions
+from clients.experiments.runs import add_model_argument, experiment_server
 from clients.files import save_figure, write_text_atomic
 from steering.methods.east.core import action_entropy
 
@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/gates")
+    add_model_argument(parser)
     parser.add_argument("--test", type=int, default=32, help="bandit prompts")
     parser.add_argument("--samples", type=int, default=12, help="actions per bandit prompt")
     parser.add_argument("--betas", type=float, nargs="+", default=[1, 2, 4, 8])
@@ -190,11 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--story-samples", type=int, default=4)
     parser.add_argument("--story-tokens", type=int, default=96)
     args = parser.parse_args(argv)
-    from clients.bench.local_server import steer_server
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    server = steer_server(Path(tempfile.mkdtemp(prefix="steer-gates-")) / "server.log")
+    server = experiment_server(args)
     started = time.time()
     try:
         bandit_rows = bandit(server.base_url, args)

@@ -22,7 +22,6 @@ import json
 import math
 import re
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import httpx
 
 from clients.bench.reward_scorer import ScorerHandler, scorer_url
 from clients.experiments.problems import Problem, generate, is_correct
+from clients.experiments.runs import add_model_argument, experiment_server, gather_bounded
 from clients.files import save_figure, write_text_atomic
 from clients.sdk import checked
 
@@ -78,12 +78,10 @@ def certainty(steering: dict) -> float:
 
 
 def run(args) -> None:
-    from clients.bench.local_server import steer_server
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     problems = generate(args.problems, seed=3)
-    server = None if args.url else steer_server(Path(tempfile.mkdtemp()) / "server.log")
+    server = None if args.url else experiment_server(args)
     url = args.url or server.base_url
     rows = []
     try:
@@ -161,10 +159,8 @@ def throughput(args) -> None:
     """Only the benchmark: ePF (EA) against best-of-n at each n, in paired rounds on one server
     (the order alternates between rounds; extra `steer serve` arguments after `--`), with what
     the engine did for each (batch occupancy, prefill, prefix-cache hits)."""
-    from clients.bench.local_server import steer_server
-
     problems = generate(args.problems, seed=3)
-    server = steer_server(Path(tempfile.mkdtemp()) / "server.log", *args.server_args)
+    server = experiment_server(args, *args.server_args)
     ratios: dict[int, list[float]] = {n: [] for n in args.n}
     try:
         for round_ in range(args.rounds):
@@ -256,17 +252,6 @@ async def its_hub_epf(url: str, scorer: str, problems: list[Problem], args) -> l
         return await gather_bounded([one(p) for p in problems], args.concurrency)
 
 
-async def gather_bounded(work: list, limit: int) -> list:
-    """The results of the coroutines `work`, at most `limit` running at once."""
-    gate = asyncio.Semaphore(limit)
-
-    async def bounded(coroutine):
-        async with gate:
-            return await coroutine
-
-    return await asyncio.gather(*(bounded(w) for w in work))
-
-
 def versus_its_hub(args) -> None:
     """The server's ePF against its_hub's client-side ePF on one server (its_hub's requests
     are plain chat completions, which this server answers as `vllm serve` does), the same
@@ -274,12 +259,10 @@ def versus_its_hub(args) -> None:
     alternates): the speed-up in wall time and in generated tokens per second (its_hub's
     step generation runs every particle to `steps` + 1 steps and past the end of its answer;
     the server's particle ends at the end of its answer), accuracy, and what the engine did."""
-    from clients.bench.local_server import steer_server
-
     problems = generate(args.problems, seed=5, kinds=("sum",), levels=(3,))
     ratios = []
     with scorer_url(ArithmeticScorer) as scorer:
-        server = steer_server(Path(tempfile.mkdtemp()) / "server.log", "--reward-url", scorer)
+        server = experiment_server(args, "--reward-url", scorer)
         try:
             for round_ in range(args.rounds):
                 sides = ("server", "its_hub")[:: 1 if round_ % 2 == 0 else -1]
@@ -371,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("run", help="the whole experiment")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--url", help="use a running server instead of starting one")
+    add_model_argument(r)
     r.add_argument("--problems", type=int, default=100)
     r.add_argument("--n", type=int, nargs="+", default=[1, 4, 8])
     r.add_argument("--max-tokens", type=int, default=128)
@@ -379,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--concurrency", type=int, default=4)
     t = sub.add_parser("throughput", help="only the ePF / best-of-n throughput ratio")
     t.add_argument("--problems", type=int, default=24)
+    add_model_argument(t)
     t.add_argument("--n", type=int, nargs="+", default=[8])
     t.add_argument("--rounds", type=int, default=2)
     t.add_argument("--max-tokens", type=int, default=128)
@@ -388,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("server_args", nargs="*", help="extra `steer serve` arguments (after --)")
     v = sub.add_parser("its-hub", help="the server's ePF against its_hub's client-side ePF")
     v.add_argument("--problems", type=int, default=12, help="three-number sums (level 3)")
+    add_model_argument(v)
     v.add_argument("--n", type=int, default=4)
     v.add_argument("--steps", type=int, default=4)
     v.add_argument("--step-tokens", type=int, default=40)

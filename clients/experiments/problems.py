@@ -21,6 +21,10 @@ from clients.files import write_jsonl
 
 LEVELS = (1, 2, 3, 4, 5)
 ANSWER_FORMAT = "End with 'Answer: <number>'."
+# What follows each question: the answer alone, or reasoning first (a model that answers in a
+# few tokens otherwise leaves a multi-step method nothing to act on).
+INSTRUCTIONS = {"answer": ANSWER_FORMAT,
+                "steps": "Think step by step, then end with 'Answer: <number>'."}
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,10 @@ def _compare(rng: random.Random, level: int) -> tuple[str, int]:
 KINDS = {"sum": _sum, "product": _product, "count": _count, "compare": _compare}
 
 
-def generate(count: int, seed: int = 0, levels=LEVELS, kinds=tuple(KINDS)) -> list[Problem]:
-    """`count` problems cycling through kinds × levels, shuffled; unique questions."""
+def generate(count: int, seed: int = 0, levels=LEVELS, kinds=tuple(KINDS),
+             instruction: str = "answer") -> list[Problem]:
+    """`count` problems cycling through kinds × levels, shuffled; unique questions, each
+    followed by INSTRUCTIONS[instruction]."""
     rng = random.Random(seed)
     grid = [(kind, level) for kind in kinds for level in levels]
     problems, seen = [], set()
@@ -84,7 +90,8 @@ def generate(count: int, seed: int = 0, levels=LEVELS, kinds=tuple(KINDS)) -> li
             continue
         seen.add(question)
         problems.append(Problem(id=f"{seed}-{len(problems)}", kind=kind, level=level,
-                                question=f"{question} {ANSWER_FORMAT}", answer=answer))
+                                question=f"{question} {INSTRUCTIONS[instruction]}",
+                                answer=answer))
     rng.shuffle(problems)
     return problems
 

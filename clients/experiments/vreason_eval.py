@@ -16,14 +16,15 @@ import asyncio
 import json
 import math
 import statistics
-import tempfile
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import httpx
 
-from clients.experiments.problems import Problem, generate, is_correct
+from clients.experiments.problems import INSTRUCTIONS, Problem, generate, is_correct
+from clients.experiments.runs import add_model_argument, experiment_server, tree_rss_mib
 from clients.files import save_figure, write_text_atomic
 from clients.sdk import checked
 from steering.methods.vreason.core import EntropyPhase, VReasonConfig
@@ -92,21 +93,11 @@ def latency(url: str, prompts: list[str], vreason: dict | None, tokens: int) -> 
     return spent / produced
 
 
-def tree_rss_mib(pid: int) -> float:
-    """Resident memory of a process and its descendants (the API process and the engine's)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in (root, *root.children(recursive=True))) / 2**20
-
-
 def run(args) -> None:
-    from clients.bench.local_server import steer_server
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    problems = generate(args.problems, seed=5)
-    server = steer_server(Path(tempfile.mkdtemp()) / "server.log")
+    problems = generate(args.problems, seed=5, instruction=args.instruction)
+    server = experiment_server(args)
     methods = method_settings(args.every, args.context_every)
     rows, trajectories, bench = [], {}, []
     try:
@@ -131,6 +122,8 @@ def run(args) -> None:
     for row in bench:
         row["ratio"] = row["ms_per_token"] / base
     report = {"model": model, "problems": len(problems), "max_tokens": args.max_tokens,
+              "instruction": INSTRUCTIONS[args.instruction],
+              "command": "python -m clients.experiments.vreason_eval " + " ".join(args.argv),
               "concurrency": args.concurrency, "settings": asdict(VReasonConfig()),
               "rows": rows, "latency": {"prompts": len(prompts), "tokens": args.latency_tokens,
                                         "rss_mib_before": rss_before, "rows": bench},
@@ -188,11 +181,9 @@ def paired_latency(args) -> None:
     """Only the benchmark: per-token latency of V-Reason at each k against greedy, in paired
     rounds on one server (the order alternates between rounds); each round's ratio to greedy
     measured in that round, and their median."""
-    from clients.bench.local_server import steer_server
-
     prompts = [p.question for p in generate(args.prompts, seed=5)]
     methods = method_settings(args.every, [])
-    server = steer_server(Path(tempfile.mkdtemp()) / "server.log")
+    server = experiment_server(args)
     ratios: dict[str, list[float]] = {name: [] for name in methods if name != PLAIN}
     try:
         latency(server.base_url, prompts[:1], None, 8)  # warm-up
@@ -223,7 +214,8 @@ def markdown(report: dict) -> str:
     s = report["settings"]
     columns = ("correct", "tokens", "final_phase_entropy", "mean_entropy")
     lines = [
-        f"Model {report['model']}, {report['problems']} problems (seed 5), greedy decoding, "
+        f"Model {report['model']}, {report['problems']} problems (seed 5, each followed by "
+        f"\"{report['instruction']}\"), greedy decoding, "
         f"max_tokens {report['max_tokens']}, {report['concurrency']} requests at a time. "
         f"V-Reason: steps {s['steps']}, lr {s['lr']}, EMA β {s['ema']}, positions prompt unless "
         "marked 'context'. 95% bootstrap intervals over problems; each Δ row is the paired "
@@ -249,7 +241,7 @@ def markdown(report: dict) -> str:
     for r in lat["rows"]:
         lines.append(f"| {r['method']} | {r['ms_per_token']:.1f} | {r['ratio']:.2f}× | "
                      f"{r['rss_mib_after']:.0f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", f"Command: `{report['command']}`"]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -259,7 +251,10 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="the whole experiment")
     r.add_argument("--out", type=Path, required=True)
+    add_model_argument(r)
     r.add_argument("--problems", type=int, default=200)
+    r.add_argument("--instruction", choices=INSTRUCTIONS, default="answer",
+                   help="what follows each question (problems.INSTRUCTIONS)")
     r.add_argument("--every", type=int, nargs="+", default=[2, 8])
     r.add_argument("--context-every", type=int, nargs="*", default=[2],
                    help="V-Reason on the whole context at these k")
@@ -269,10 +264,12 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--latency-tokens", type=int, default=64)
     t = sub.add_parser("latency", help="only the per-token latency against greedy")
     t.add_argument("--rounds", type=int, default=5)
+    add_model_argument(t)
     t.add_argument("--prompts", type=int, default=4)
     t.add_argument("--tokens", type=int, default=64)
     t.add_argument("--every", type=int, nargs="+", default=[2, 8])
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
     (run if args.command == "run" else paired_latency)(args)
 
 

@@ -1,9 +1,9 @@
-"""The answer checker (which number of a reply is its answer), and the results files the
-evaluations write whole or not at all."""
+"""The problems (their instruction), the answer checker (which number of a reply is its answer),
+and the results files the evaluations write whole or not at all."""
 
 import pytest
 
-from clients.experiments.problems import extract_answer, is_correct
+from clients.experiments.problems import INSTRUCTIONS, extract_answer, generate, is_correct
 from clients.files import write_text_atomic
 
 
@@ -46,3 +46,13 @@ def test_the_arithmetic_process_reward_checks_each_written_sum(text, score):
     from clients.experiments.particles_eval import arithmetic_reward
 
     assert arithmetic_reward(text) == pytest.approx(score)
+
+
+def test_the_instruction_follows_each_question_and_nothing_else_changes():
+    plain = generate(20, seed=4)
+    steps = generate(20, seed=4, instruction="steps")
+    assert all(p.question.endswith(INSTRUCTIONS["answer"]) for p in plain)
+    assert [s.question.removesuffix(INSTRUCTIONS["steps"]) for s in steps] == [
+        p.question.removesuffix(INSTRUCTIONS["answer"]) for p in plain]
+    assert [(s.answer, s.level, s.kind) for s in steps] == [
+        (p.answer, p.level, p.kind) for p in plain]

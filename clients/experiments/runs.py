@@ -1,0 +1,45 @@
+"""What the experiments share: the model they serve (`--model`, any model `steer serve` takes),
+the server they start for it, and bounded concurrency for their requests."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+from pathlib import Path
+
+from clients.bench.local_server import LocalServer, steer_server
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=os.environ.get("STEER_MODEL"),
+                        help="what `steer serve --model` takes: a folder, a model `steer models "
+                        "fetch` brought, a Hub id (default: the bundled model; env STEER_MODEL)")
+
+
+def experiment_server(args: argparse.Namespace, *extra: str,
+                      log: Path | None = None) -> LocalServer:
+    """`steer serve` on the experiment's model (compiled mode, artifacts beside the log)."""
+    log = log or Path(tempfile.mkdtemp(prefix="steer-experiment-")) / "server.log"
+    model = ("--model", args.model) if getattr(args, "model", None) else ()
+    return steer_server(log, *model, *extra)
+
+
+async def gather_bounded(work: list, limit: int) -> list:
+    """The results of the coroutines `work`, at most `limit` running at once."""
+    gate = asyncio.Semaphore(limit)
+
+    async def bounded(coroutine):
+        async with gate:
+            return await coroutine
+
+    return await asyncio.gather(*(bounded(w) for w in work))
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and its descendants (the API process and the engine's)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in (root, *root.children(recursive=True))) / 2**20
