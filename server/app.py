@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 
 from server import anthropic_messages, artifacts, openai_responses, ops, routes
-from server.default_model import seed_bundled_artifacts
+from server.default_model import seed_artifacts
 from server.deps import Admission, ServerState
 from server.errors import error_response, install_error_handlers
 from server.metrics import SteerMetrics
@@ -56,19 +57,20 @@ class BodyLimit:
 def create_app(engine: Engine | None, api_key: str | None = None, admin_key: str | None = None,
                method_configs: dict | None = None, frontend: FrontendOptions | None = None,
                strict_fields: bool = False, max_queued_requests: int | None = None,
-               playground: bool = True, bundled_model: bool = False) -> FastAPI:
+               playground: bool = True, seed_from: Path | None = None) -> FastAPI:
     """An app that starts `engine` on start-up and shuts it down on exit. `method_configs`:
     each method's server configuration by name (`Method.configure`; unset: its defaults);
     `frontend`: the options of vLLM's OpenAI layer; `max_queued_requests` sequences may wait
     beyond the engine's batch (default: one more batch); `playground` serves the web page at
-    `/`; with `bundled_model` its ready-made vectors and probes are installed."""
+    `/`; `seed_from`: a folder of ready-made vectors and probes for the served model, installed
+    at start (`seed_artifacts`)."""
     configs = method_configs or {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
-        if bundled_model:
-            seed_bundled_artifacts(engine.vectors, engine.probes)
+        if seed_from:
+            seed_artifacts(engine.vectors, engine.probes, seed_from)
         metrics = SteerMetrics(engine.model_name)
         metrics.watch_engine(engine)
         services = Services(engine, metrics)

@@ -97,13 +97,13 @@ def serve_parser():
     return parser
 
 
-def resolve_model(args: argparse.Namespace) -> bool:
-    """Settle `args.model` before the engine starts; returns whether it is the bundled model.
+def resolve_model(args: argparse.Namespace) -> str | None:
+    """Settle `args.model` before the engine starts; returns the model's name when the project
+    knows it (the bundled model, or a model `steer models fetch` brought), else None.
 
-    The bundled model (no model given), a model `steer models fetch` brought (by its catalog
-    name, served under it with its tool-call parser) and an existing local path need no
-    network, so the Hub
-    stays off for them (HF_HUB_OFFLINE=1 unless the environment says otherwise). Any other
+    The bundled model (no model given), a fetched model (by its catalog name, served under it
+    with its tool-call parser) and an existing local path need no network, so the Hub stays
+    off for them (HF_HUB_OFFLINE=1 unless the environment says otherwise). Any other
     name is a Hugging Face Hub id, left for vLLM to download as `vllm serve` does (the user's
     own HF_HUB_OFFLINE=1 limits it to the cache) and served under that id, once a cheap check
     says it can be had. Raises ValueError, naming the model and the reason, when it cannot."""
@@ -115,7 +115,7 @@ def resolve_model(args: argparse.Namespace) -> bool:
         stay_offline()
         args.model = str(ensure_default_model())
         args.served_model_name = args.served_model_name or [DEFAULT_MODEL_NAME]
-        return True
+        return DEFAULT_MODEL_NAME
     if args.model in CATALOG:  # a model `steer models fetch` brings
         stay_offline()
         model = CATALOG[args.model]
@@ -124,10 +124,10 @@ def resolve_model(args: argparse.Namespace) -> bool:
             args.enable_auto_tool_choice = bool(model.tool_call_parser) or None
             args.tool_call_parser = model.tool_call_parser
         args.model = str(fetched_folder(model.name))
-        return False
+        return model.name
     if Path(args.model).exists():
         stay_offline()
-        return False
+        return None
     check_model(args.model)
     revision = getattr(args, "revision", None)
     try:
@@ -137,7 +137,7 @@ def resolve_model(args: argparse.Namespace) -> bool:
                          f"from the Hugging Face Hub: {_hub_failure(exc, args.model, revision)}"
                          ) from exc
     args.served_model_name = args.served_model_name or [args.model]
-    return False
+    return None
 
 
 def stay_offline() -> None:
@@ -228,11 +228,12 @@ def frontend_options(args: argparse.Namespace, bundled: bool):
 
 
 def serve(args: argparse.Namespace) -> None:
-    bundled = resolve_model(args)  # first: a model that cannot be had stops here, plainly
+    known = resolve_model(args)  # first: a model that cannot be had stops here, plainly
 
     import uvicorn
 
     from server.app import create_app
+    from server.default_model import DEFAULT_MODEL_NAME, shipped_folder
     from steering.engine.args import build_engine_args
     from steering.engine.engine import Engine
     from steering.methods.registry import METHODS
@@ -244,9 +245,10 @@ def serve(args: argparse.Namespace) -> None:
                     vector_slots=args.vector_slots)
     app = create_app(engine, api_key=args.api_key, admin_key=args.admin_key,
                      method_configs={m.name: m.configure(args) for m in METHODS},
-                     frontend=frontend_options(args, bundled), strict_fields=args.strict_fields,
+                     frontend=frontend_options(args, known == DEFAULT_MODEL_NAME),
+                     strict_fields=args.strict_fields,
                      max_queued_requests=args.max_queued_requests, playground=not args.no_ui,
-                     bundled_model=bundled)
+                     seed_from=shipped_folder(known) if known else None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
                 access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=30)
 

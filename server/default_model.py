@@ -14,11 +14,10 @@ from server.models import convert_gguf, install_folder, is_converted, model_fold
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 BUNDLED = Path(__file__).parent / "bundled"
-# Ready-made artifacts for the bundled model, made by the project's own commands (docs/east.md,
-# docs/diffadapt.md): what each is, in bundled/artifacts.json beside their files.
-_ARTIFACTS = json.loads((BUNDLED / "artifacts.json").read_text())
-BUNDLED_VECTORS: dict[str, dict] = _ARTIFACTS["vectors"]
-BUNDLED_PROBES: dict[str, dict] = _ARTIFACTS["probes"]
+# Ready-made artifacts for a model, made by the project's own commands (docs/east.md,
+# docs/diffadapt.md): what each is, in an artifacts.json beside their files. The bundled
+# model's are in bundled/, a fetched model's in bundled/<its name>/ (server/models.py).
+ARTIFACTS_LIST = "artifacts.json"
 # What an empty marker file (written before markers listed names) stands for.
 FIRST_BUNDLED = {"explore", "default"}
 # SmolLM2's own template (same text for plain chats) with tools in the Hermes format.
@@ -50,19 +49,33 @@ def ensure_default_model() -> Path:
                                                                DEFAULT_MODEL_NAME))
 
 
-def seed_bundled_artifacts(vectors, probes) -> None:
-    """Put the bundled model's ready-made steering vectors and difficulty probes into its
-    stores, each name once per store (a marker file lists the names installed, so an artifact
-    the user deleted stays deleted and one added in a later release still arrives)."""
-    for store, bundled, install in ((vectors, BUNDLED_VECTORS, _install_vector),
-                                    (probes, BUNDLED_PROBES, _install_probe)):
+def shipped_folder(model_name: str) -> Path | None:
+    """Where the ready-made artifacts for a model the project knows are shipped, if any."""
+    folder = BUNDLED if model_name == DEFAULT_MODEL_NAME else BUNDLED / model_name
+    return folder if (folder / ARTIFACTS_LIST).is_file() else None
+
+
+def shipped_artifacts(folder: Path) -> dict[str, dict[str, dict]]:
+    """The vectors and probes `folder`'s artifacts.json lists, by name."""
+    listing = json.loads((folder / ARTIFACTS_LIST).read_text())
+    return {"vectors": listing.get("vectors", {}), "probes": listing.get("probes", {})}
+
+
+def seed_artifacts(vectors, probes, folder: Path) -> None:
+    """Put the ready-made steering vectors and difficulty probes shipped in `folder` into the
+    served model's stores, each name once per store (a marker file lists the names installed,
+    so an artifact the user deleted stays deleted and one added in a later release still
+    arrives)."""
+    shipped = shipped_artifacts(folder)
+    for store, bundled, install in ((vectors, shipped["vectors"], _install_vector),
+                                    (probes, shipped["probes"], _install_probe)):
         marker = store.root / ".bundled"
         done = set()
         if marker.exists():
             done = set(marker.read_text().split()) or FIRST_BUNDLED & set(bundled)
         missing = [name for name in bundled if name not in done]
         for name in missing:
-            install(store, name, bundled[name], BUNDLED)
+            install(store, name, bundled[name], folder)
         if missing or not marker.exists():
             temporary = marker.with_name(".bundled.tmp")
             temporary.write_text("".join(f"{n}\n" for n in sorted(done | set(missing))))

@@ -1,5 +1,6 @@
 """The vector store: validation, atomic writes, restart, corrupt files."""
 
+import json
 import math
 import time
 
@@ -72,26 +73,27 @@ def test_overwrite_is_atomic_replace(tmp_path):
 
 
 def test_bundled_artifacts_are_seeded_once(tmp_path):
-    from server.default_model import BUNDLED_PROBES, BUNDLED_VECTORS, seed_bundled_artifacts
+    from server.default_model import BUNDLED, seed_artifacts, shipped_artifacts
     from steering.artifacts import ProbeStore
 
     model = "SmolLM2-135M-Instruct"
     vectors = VectorStore(tmp_path / "v", model=model, hidden_size=576, num_layers=30)
     probes = ProbeStore(tmp_path / "p", model=model, hidden_size=576)
-    seed_bundled_artifacts(vectors, probes)
-    assert {m.name for m in vectors.list()} == set(BUNDLED_VECTORS)
-    assert {m.name for m in probes.list()} == set(BUNDLED_PROBES)
+    shipped = shipped_artifacts(BUNDLED)
+    seed_artifacts(vectors, probes, BUNDLED)
+    assert {m.name for m in vectors.list()} == set(shipped["vectors"]) == {"explore"}
+    assert {m.name for m in probes.list()} == set(shipped["probes"]) == {"default", "paper"}
     vectors.delete("explore")
-    for name in BUNDLED_PROBES:
+    for name in shipped["probes"]:
         probes.delete(name)
-    seed_bundled_artifacts(vectors, probes)  # the user's deletions stand
+    seed_artifacts(vectors, probes, BUNDLED)  # the user's deletions stand
     assert vectors.list() == [] and probes.list() == []
 
 
-def test_a_store_seeded_by_an_earlier_release_gets_only_the_new_names(tmp_path, monkeypatch):
+def test_a_store_seeded_by_an_earlier_release_gets_only_the_new_names(tmp_path):
     """An empty marker (as earlier releases wrote it) stands for the first release's names;
-    a name bundled later is installed once, and the marker then lists every name."""
-    import server.default_model as bundle
+    a name shipped later is installed once, and the marker then lists every name."""
+    from server.default_model import BUNDLED, FIRST_BUNDLED, seed_artifacts, shipped_artifacts
     from steering.artifacts import ProbeStore
 
     model = "SmolLM2-135M-Instruct"
@@ -99,16 +101,20 @@ def test_a_store_seeded_by_an_earlier_release_gets_only_the_new_names(tmp_path, 
     probes = ProbeStore(tmp_path / "p", model=model, hidden_size=576)
     for root in (vectors.root, probes.root):
         (root / ".bundled").touch()
-    later = {**bundle.BUNDLED_PROBES, "later": bundle.BUNDLED_PROBES["default"]}
-    monkeypatch.setattr(bundle, "BUNDLED_PROBES", later)
-    bundle.seed_bundled_artifacts(vectors, probes)
-    added = sorted(set(later) - bundle.FIRST_BUNDLED)
+    shipped = shipped_artifacts(BUNDLED)
+    later = {name: {**spec, "file": str(BUNDLED / spec["file"])}
+             for name, spec in {**shipped["probes"], "later": shipped["probes"]["default"]}.items()}
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "artifacts.json").write_text(json.dumps({"probes": later}))
+    seed_artifacts(vectors, probes, release)
+    added = sorted(set(later) - FIRST_BUNDLED)
     assert "later" in added and "default" not in added
     assert vectors.list() == [] and [m.name for m in probes.list()] == added
     assert (probes.root / ".bundled").read_text().split() == sorted(later)
     for name in added:
         probes.delete(name)
-    bundle.seed_bundled_artifacts(vectors, probes)
+    seed_artifacts(vectors, probes, release)
     assert probes.list() == []
     assert not list(probes.root.glob(".bundled.tmp"))
 

@@ -121,7 +121,7 @@ def test_a_local_folder_is_served_offline_and_never_looked_up(hub, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / HUB_ID).mkdir(parents=True)  # a local folder that reads like a Hub id
     args = namespace(HUB_ID)
-    assert cli.resolve_model(args) is False
+    assert cli.resolve_model(args) is None
     assert args.model == HUB_ID and args.served_model_name is None
     assert os.environ["HF_HUB_OFFLINE"] == "1" and hub_constants.HF_HUB_OFFLINE
 
@@ -131,7 +131,7 @@ def test_the_bundled_model_stays_offline(hub, monkeypatch, tmp_path):
 
     monkeypatch.setattr(server.default_model, "ensure_default_model", lambda: tmp_path)
     args = namespace(None)
-    assert cli.resolve_model(args) is True
+    assert cli.resolve_model(args) == DEFAULT_MODEL_NAME
     assert args.model == str(tmp_path) and args.served_model_name == [DEFAULT_MODEL_NAME]
     assert os.environ["HF_HUB_OFFLINE"] == "1" and hub_constants.HF_HUB_OFFLINE
 
@@ -148,7 +148,7 @@ def test_a_hub_id_in_the_cache_is_left_to_vllm_under_its_id(hub, monkeypatch):
         if offline:
             go_offline(monkeypatch)
         args = namespace(HUB_ID)
-        assert cli.resolve_model(args) is False
+        assert cli.resolve_model(args) is None
         assert args.model == HUB_ID and args.served_model_name == [HUB_ID]
         assert cli.artifacts_folder(args, HUB_ID).name == "some-org--some-model"
         assert ("HF_HUB_OFFLINE" in os.environ) is offline  # a Hub id never forces offline
@@ -175,7 +175,7 @@ def test_a_readable_hub_id_is_left_to_vllm(hub, monkeypatch, error):
     monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", head)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
     args = namespace(HUB_ID, revision="v1")
-    assert cli.resolve_model(args) is False
+    assert cli.resolve_model(args) is None
     assert args.model == HUB_ID and args.served_model_name == [HUB_ID]
     assert asked == [f"{UNREACHABLE}/{HUB_ID}/resolve/v1/config.json"]
     assert not list(hub.glob("**/config.json")) and "HF_HUB_OFFLINE" not in os.environ

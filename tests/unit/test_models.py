@@ -150,7 +150,7 @@ def test_serve_takes_a_fetched_model_by_name(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
     args = _serve_args(name)
-    assert resolve_model(args) is False
+    assert resolve_model(args) == name
     assert (args.model, args.served_model_name) == (str(folder), [name])
     assert (args.enable_auto_tool_choice, args.tool_call_parser) == (True, "hermes")
     assert CATALOG[name].size == 491_400_064 and len(CATALOG[name].wheels) == 6
