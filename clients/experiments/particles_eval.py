@@ -22,13 +22,15 @@ import json
 import math
 import re
 import statistics
+import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 
 from clients.bench.reward_scorer import ScorerHandler, scorer_url
-from clients.experiments.problems import Problem, generate, is_correct
+from clients.experiments.problems import INSTRUCTIONS, KINDS, Problem, generate, is_correct
 from clients.experiments.runs import add_model_argument, experiment_server, gather_bounded
 from clients.files import save_figure, write_text_atomic
 from clients.sdk import checked
@@ -49,12 +51,13 @@ async def solve(url: str, problems: list[Problem], method: str, n: int, args) ->
             if method == "best-of-n":
                 body |= {"n": n, "steering": {"return_entropy": True}}
             else:
+                reward = {"reward": "http"} if args.reward == "arithmetic" else {}
                 body["steering"] = {"particles": {
                     "n": n, "step_delimiter": args.delimiter, "max_steps": args.max_steps,
-                    **METHODS[method]}}
+                    **reward, **METHODS[method]}}
             reply = checked(await client.post("/v1/chat/completions", json=body))
             if method == "best-of-n":
-                best = max(reply["choices"], key=lambda c: certainty(c["steering"]))
+                best = max(reply["choices"], key=WHOLE_ANSWER_REWARDS[args.reward])
                 text = best["message"]["content"]
             else:
                 text = reply["choices"][0]["message"]["content"]
@@ -77,29 +80,45 @@ def certainty(steering: dict) -> float:
     return math.exp(-statistics.fmean(known)) if known else 0.0
 
 
+# Best-of-n keeps the choice its reward scores highest: the particles' reward on whole answers.
+WHOLE_ANSWER_REWARDS = {
+    "self-certainty": lambda choice: certainty(choice["steering"]),
+    "arithmetic": lambda choice: arithmetic_reward(choice["message"]["content"]),
+}
+
+
 def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    problems = generate(args.problems, seed=3)
-    server = None if args.url else experiment_server(args)
-    url = args.url or server.base_url
+    problems = generate(args.problems, seed=3, kinds=tuple(args.kinds),
+                        instruction=args.instruction)
     rows = []
-    try:
-        plan = [("best-of-n", 1)] + [(m, n) for n in args.n if n > 1 for m in METHODS]
-        for method, n in plan:
-            row = asyncio.run(solve(url, problems, method, n, args))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        model = checked(httpx.get(f"{url}/v1/models"))["data"][0]["id"]
-    finally:
-        if server is not None:
-            server.stop()
+    with ExitStack() as stack:
+        extra = (("--reward-url", stack.enter_context(scorer_url(ArithmeticScorer)))
+                 if args.reward == "arithmetic" else ())
+        if args.url and extra:
+            raise SystemExit("--reward arithmetic starts its own server (with the scorer)")
+        server = None if args.url else experiment_server(args, *extra)
+        url = args.url or server.base_url
+        try:
+            plan = [("best-of-n", 1)] + [(m, n) for n in args.n if n > 1 for m in METHODS]
+            for method, n in plan:
+                row = asyncio.run(solve(url, problems, method, n, args))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            model = checked(httpx.get(f"{url}/v1/models"))["data"][0]["id"]
+        finally:
+            if server is not None:
+                server.stop()
     speed = {(r["method"], r["n"]): r["tokens_per_second"] for r in rows}
     report = {"model": model, "problems": len(problems), "max_tokens": args.max_tokens,
               "epf_vs_sampling": {n: speed[("ePF (EA)", n)] / speed[("best-of-n", n)]
                                   for n in args.n if ("ePF (EA)", n) in speed},
               "delimiter": args.delimiter, "max_steps": args.max_steps,
-              "concurrency": args.concurrency, "rows": rows}
+              "concurrency": args.concurrency, "reward": args.reward,
+              "kinds": args.kinds, "instruction": INSTRUCTIONS[args.instruction],
+              "command": "python -m clients.experiments.particles_eval " + " ".join(args.argv),
+              "rows": rows}
     write_text_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out / "results.md", markdown(report))
     plot(report, out / "accuracy.png")
@@ -298,11 +317,13 @@ def markdown(report: dict) -> str:
     from clients.experiments.stats import interval_text, mean_interval, paired_difference
 
     lines = [
-        f"Model {report['model']}, {report['problems']} problems (seed 3), temperature 0.8, "
-        f"max_tokens {report['max_tokens']} per particle, step delimiter "
+        f"Model {report['model']}, {report['problems']} problems (seed 3; kinds "
+        f"{', '.join(report['kinds'])}; each followed by \"{report['instruction']}\"), "
+        f"temperature 0.8, max_tokens {report['max_tokens']} per particle, step delimiter "
         f"{json.dumps(report['delimiter'])}, max_steps {report['max_steps']}, "
-        f"{report['concurrency']} requests at a time; reward: self-certainty. 95% bootstrap "
-        "intervals over problems; Δ columns are paired differences on the same problems.", "",
+        f"{report['concurrency']} requests at a time; reward: {report['reward']} (best-of-n "
+        "keeps the answer it scores highest). 95% bootstrap intervals over problems; Δ "
+        "columns are paired differences on the same problems.", "",
         "| method | n | accuracy | Δ vs best-of-n | Δ vs PF | generated tokens / problem "
         "| wall time (s) | tokens/s |",
         "|---|---|---|---|---|---|---|---|",
@@ -319,7 +340,7 @@ def markdown(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     ratios = ", ".join(f"n = {n}: {ratio:.2f}×" for n, ratio in report["epf_vs_sampling"].items())
     lines += ["", "Throughput of ePF (EA) relative to sampling n whole answers (best-of-n) on the "
-              f"same prompts in the same run: {ratios}."]
+              f"same prompts in the same run: {ratios}.", "", f"Command: `{report['command']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -361,6 +382,12 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--max-steps", type=int, default=8)
     r.add_argument("--delimiter", default="\n")
     r.add_argument("--concurrency", type=int, default=4)
+    r.add_argument("--reward", choices=WHOLE_ANSWER_REWARDS, default="self-certainty",
+                   help="the particles' reward: self-certainty (in the server), or arithmetic: "
+                   "the rule-based per-line check of sums, served over HTTP (--reward-url)")
+    r.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    r.add_argument("--instruction", choices=INSTRUCTIONS, default="answer",
+                   help="what follows each question (problems.INSTRUCTIONS)")
     t = sub.add_parser("throughput", help="only the ePF / best-of-n throughput ratio")
     t.add_argument("--problems", type=int, default=24)
     add_model_argument(t)
@@ -381,6 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--rounds", type=int, default=3)
     v.add_argument("--concurrency", type=int, default=1, help="problems at a time")
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
     {"run": run, "throughput": throughput, "its-hub": versus_its_hub}[args.command](args)
 
 
