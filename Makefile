@@ -8,7 +8,7 @@ PORT ?= 8000
 # Debian packages and the Docker daemon need root: sudo unless make already runs as root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup serve test test-unit test-scale prometheus browser docker image image-test bench clean
+.PHONY: setup serve test test-unit test-scale test-models prometheus browser docker image image-test bench clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,12 @@ test-unit: setup
 # Several engines on this machine (replicas on one artifacts folder): too slow for `make test`.
 test-scale: setup
 	$(VENV)/bin/pytest -q -m scale tests/scale
+
+# The experiments' second model, fetched and converted once (docs/models.md), then served with
+# every method: not in `make test`, whose first run must stay fast.
+test-models: setup
+	$(VENV)/bin/steer models fetch Qwen2.5-Coder-0.5B-Instruct
+	$(VENV)/bin/pytest -q -m models tests/models
 
 # Docker's engine and mmdebstrap (Debian's packages; root or sudo); starts the daemon if none
 # answers (on these machines: as root, containers on the host's network).

@@ -398,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--delimiter", default="\n")
     t.add_argument("--concurrency", type=int, default=4)
     t.add_argument("server_args", nargs="*", help="extra `steer serve` arguments (after --)")
+    t.set_defaults(reward="self-certainty")
     v = sub.add_parser("its-hub", help="the server's ePF against its_hub's client-side ePF")
     v.add_argument("--problems", type=int, default=12, help="three-number sums (level 3)")
     add_model_argument(v)
