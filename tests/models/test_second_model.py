@@ -45,7 +45,7 @@ def chat(http, steering: dict | None = None, max_tokens: int = 24, **body) -> di
 
 def test_served_under_its_name_with_its_own_vector(http):
     assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [NAME]
-    vector = http.get("/v1/steering/vectors/explore").json()
+    vector = http.get("/v1/steering/vectors/bandit").json()
     assert (vector["layer"], vector["hidden_size"]) == (12, 896)
 
 
@@ -87,7 +87,7 @@ def test_each_method_answers_with_its_report(http, steering, acted):
 
 def test_the_shipped_vector_steers_and_hidden_states_have_its_width(http):
     plain = chat(http)["choices"][0]
-    steered = chat(http, {"east": {"vector": "explore", "scale": 8.0},
+    steered = chat(http, {"east": {"vector": "bandit", "scale": 2.0},
                           "return_hidden_states": ["final"]})["choices"][0]
     assert steered["token_ids"] != plain["token_ids"]
     final = torch.tensor(steered["steering"]["hidden_states"]["final"])

@@ -154,3 +154,16 @@ def test_serve_takes_a_fetched_model_by_name(tmp_path, monkeypatch):
     assert (args.model, args.served_model_name) == (str(folder), [name])
     assert (args.enable_auto_tool_choice, args.tool_call_parser) == (True, "hermes")
     assert CATALOG[name].size == 491_400_064 and len(CATALOG[name].wheels) == 6
+
+
+def test_the_second_models_shipped_vector_fits_it(tmp_path):
+    """Its artifacts.json and files install into stores of its shape (hidden size 896, 24
+    layers), as the server seeds them at start."""
+    from server.default_model import seed_artifacts, shipped_folder
+    from steering.artifacts import ProbeStore, VectorStore
+
+    name = "Qwen2.5-Coder-0.5B-Instruct"
+    vectors = VectorStore(tmp_path / "v", model=name, hidden_size=896, num_layers=24)
+    probes = ProbeStore(tmp_path / "p", model=name, hidden_size=896)
+    seed_artifacts(vectors, probes, shipped_folder(name))
+    assert [(m.name, m.layer, m.method) for m in vectors.list()] == [("bandit", 12, "east")]
