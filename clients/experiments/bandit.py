@@ -31,6 +31,7 @@ import httpx
 from clients.cli.options import add_server_arguments, auth_headers
 from clients.experiments.runs import add_model_argument, experiment_server
 from clients.files import save_figure, write_text_atomic
+from clients.sdk import checked
 
 ARMS = "ABCDE"
 ACTION_PATTERN = r"\b([A-E])\b"
@@ -133,7 +134,7 @@ def per_prompt(actions: list[list[str | None]]) -> tuple[list[float], list[float
             [sum(x is not None for x in a) / len(a) for a in actions])
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,7 +154,7 @@ def plot(rows: list[dict], path: Path) -> None:
     bottom.set_xscale("symlog", linthresh=0.25)
     bottom.set_xlabel("EAST scale β (variant: relative to the activation norm; paper: raw)")
     top.legend()
-    top.set_title("EAST on SmolLM2-135M-Instruct, text bandit, 95% bootstrap intervals")
+    top.set_title(f"EAST on {model}, text bandit, 95% bootstrap intervals")
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -205,6 +206,7 @@ def run(args) -> None:
         for name, betas in (("variant", VARIANT_BETAS), ("paper", PAPER_BETAS),
                             ("shuffled", PAPER_BETAS)):
             rows += [measure(name, beta) for beta in betas]
+        model = checked(httpx.get(f"{url}/v1/models"))["data"][0]["id"]
     finally:
         server.stop()
     for row in rows:
@@ -215,7 +217,7 @@ def run(args) -> None:
     for row in rows:  # JSON has no NaN: a prompt without a valid action is null
         row["entropies"] = [None if math.isnan(h) else h for h in row["entropies"]]
     chosen = [r["chosen"] for r in runs]
-    result = {"layer": args.layer, "samples_per_prompt": args.samples,
+    result = {"model": model, "layer": args.layer, "samples_per_prompt": args.samples,
               "train_prompts": args.train, "test_prompts": args.test,
               "runs": {"runs": args.runs, "steps": args.steps, "arms": 2,
                        "valid_choice_rate": sum(c is not None for c in chosen) / len(chosen)},
@@ -230,7 +232,7 @@ def run(args) -> None:
               f"{interval_text(r['valid_change'], 2)} |" for r in rows]
     write_text_atomic(out / "results.md", "\n".join(table) + "\n")
     print("\n".join(table))
-    plot(rows, out / "entropy_vs_beta.png")
+    plot(rows, out / "entropy_vs_beta.png", model)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""The experiments behind docs/gates.md, on the bundled model (one server for both).
+"""The experiments behind docs/gates.md, on the bundled model unless --model (one server for both).
 
 bandit: on the text bandit's held-out prompts (`clients.bandit`), no steering vs EAST on every
 token vs EAST switched on by a gate only while the model is over-confident (next-token entropy
@@ -29,6 +29,7 @@ import httpx
 from clients.experiments.bandit import make_prompts, sample_actions
 from clients.experiments.runs import add_model_argument, experiment_server
 from clients.files import save_figure, write_text_atomic
+from clients.sdk import checked
 from steering.methods.east.core import action_entropy
 
 STORY_PROMPTS = [
@@ -68,7 +69,7 @@ def bandit(url: str, args) -> list[dict]:
     records = make_prompts(args.test, seed=2)  # clients.bandit's held-out prompts
     arms = [("none", 0.0, None)]  # β does not apply: measured once
     for beta in args.betas:
-        east = {"vector": "explore", "scale": beta}
+        east = {"vector": args.vector, "scale": beta}
         arms += [("EAST always", beta, {"east": east}),
                  (f"EAST gated (H < {args.below:g})", beta, {"gates": [{
                      "signal": "entropy", "below": args.below, "hold": args.hold,
@@ -135,7 +136,7 @@ def stories(url: str, args) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path) -> bool:
+def plot(rows: list[dict], path: Path, model: str) -> bool:
     try:
         import matplotlib
 
@@ -160,7 +161,7 @@ def plot(rows: list[dict], path: Path) -> bool:
         ax.set_ylabel(label)
     right.set_ylim(0, 1.05)
     left.legend(fontsize=8)
-    fig.suptitle("Gated vs always-on EAST, text bandit, SmolLM2-135M-Instruct")
+    fig.suptitle(f"Gated vs always-on EAST, text bandit, {model}")
     fig.tight_layout()
     save_figure(fig, path)
     return True
@@ -190,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hold", type=int, default=1)
     parser.add_argument("--story-samples", type=int, default=4)
     parser.add_argument("--story-tokens", type=int, default=96)
+    parser.add_argument("--vector", default="explore",
+                        help="the stored EAST vector the bandit arms use (the bundled model's "
+                        "explore; the second model ships bandit)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,10 +202,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         bandit_rows = bandit(server.base_url, args)
         story_rows = stories(server.base_url, args)
+        model = checked(httpx.get(f"{server.base_url}/v1/models"))["data"][0]["id"]
     finally:
         server.stop()
-    result = {"bandit": {"test_prompts": args.test, "samples_per_prompt": args.samples,
-                         "gate_below": args.below, "gate_hold": args.hold, "rows": bandit_rows},
+    result = {"model": model,
+              "bandit": {"vector": args.vector, "test_prompts": args.test,
+                         "samples_per_prompt": args.samples, "gate_below": args.below,
+                         "gate_hold": args.hold, "rows": bandit_rows},
               "stories": {"prompts": len(STORY_PROMPTS), "samples_per_prompt":
                           args.story_samples, "max_tokens": args.story_tokens,
                           "rows": story_rows},
@@ -214,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
                                               ("loglik", "log-likelihood / token at T = 1")]))
     write_text_atomic(out / "results.md", markdown + "\n")
     print(markdown)
-    if plot(bandit_rows, out / "bandit.png"):
+    if plot(bandit_rows, out / "bandit.png", model):
         print(f"plot: {out / 'bandit.png'}")
 
 
