@@ -75,9 +75,10 @@ def test_vreason_equals_the_hf_reference_on_this_model(http, folder):
     ({"dynatemp": {"range": 0.5}}, lambda report: report["dynatemp"]),
     ({"top_nsigma": {"n": 1.0}}, lambda report: report["top_nsigma"]),
     ({"mirostat": {"tau": 3.0}}, lambda report: report["mirostat"]),
-    ({"particles": {"n": 2, "max_steps": 2}}, lambda report: report["particles"]["particles"]),
-    ({"deepconf": {"budget": 3, "warmup": 2, "window": 4}},
-     lambda report: len(report["deepconf"]["traces"]) == 3),
+    ({"particles": {"n": 2, "max_steps": 2}},
+     lambda report: len(report["particles"]["final_scores"]) == 2),
+    ({"deepconf": {"budget": 3, "warmup": 2, "window": 4}},  # online: may stop on consensus
+     lambda report: 2 <= len(report["deepconf"]["traces"]) <= 3),
 ])
 def test_each_method_answers_with_its_report(http, steering, acted):
     choice = chat(http, steering, temperature=0.7, seed=1)["choices"][0]
