@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from clients.experiments.problems import ANSWER_FORMAT, Problem, generate
-from clients.experiments.runs import add_model_argument, experiment_server
+from clients.experiments.runs import add_model_argument, experiment_server, paired_order
 from clients.files import save_figure, write_text_atomic
 from clients.sdk import checked
 
@@ -185,8 +185,8 @@ def throughput(args) -> None:
     ratios, multi = [], []
     try:
         for round_ in range(args.rounds):
-            order = (False, True) if round_ % 2 == 0 else (True, False)
-            got = {deepconf: asyncio.run(mixed(url, deepconf, args)) for deepconf in order}
+            got = {deepconf: asyncio.run(mixed(url, deepconf, args))
+                   for deepconf in paired_order((False, True), round_)}
             ratios.append(got[True]["others_tokens_per_second"]
                           / got[False]["others_tokens_per_second"])
             multi.append(got[True]["multi_tokens_per_second"]

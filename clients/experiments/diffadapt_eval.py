@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import httpx
 
 from clients.cli.probes import label, probe_meta, train, upload
 from clients.experiments.problems import Problem, generate, is_correct
-from clients.experiments.runs import add_model_argument, experiment_server
+from clients.experiments.runs import add_model_argument, experiment_server, parse_recorded
 from clients.files import save_figure, write_text_atomic
 from clients.sdk import checked
 from steering.artifacts import write_artifact
@@ -144,7 +143,7 @@ def run(args) -> None:
     report = {"model": model, "recipe": recipe.value, "train_questions": len(training),
               "held_out_questions": len(held_out), "eval_samples": args.eval_samples,
               "max_tokens": args.max_tokens, "continuation": continuation,
-              "command": "python -m clients.experiments.diffadapt_eval " + " ".join(sys.argv[1:]),
+              "command": args.command_line,
               **made, "strategies": rows}
     write_text_atomic(out / recipe.value / "results.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out / recipe.value / "results.md", markdown(report))
@@ -247,8 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--eval-samples", type=int, default=2, help="answers per held-out problem")
     r.add_argument("--max-tokens", type=int, default=256, help="the strategies' Max")
     r.add_argument("--width", type=int, help="default: the recipe's")
-    args = parser.parse_args(argv)
-    run(args)
+    run(parse_recorded(parser, argv))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import json
 import math
 import re
 import statistics
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -31,7 +30,13 @@ import httpx
 
 from clients.bench.reward_scorer import ScorerHandler, scorer_url
 from clients.experiments.problems import INSTRUCTIONS, KINDS, Problem, generate, is_correct
-from clients.experiments.runs import add_model_argument, experiment_server, gather_bounded
+from clients.experiments.runs import (
+    add_model_argument,
+    experiment_server,
+    gather_bounded,
+    paired_order,
+    parse_recorded,
+)
 from clients.files import save_figure, write_text_atomic
 from clients.sdk import checked
 
@@ -117,7 +122,7 @@ def run(args) -> None:
               "delimiter": args.delimiter, "max_steps": args.max_steps,
               "concurrency": args.concurrency, "reward": args.reward,
               "kinds": args.kinds, "instruction": INSTRUCTIONS[args.instruction],
-              "command": "python -m clients.experiments.particles_eval " + " ".join(args.argv),
+              "command": args.command_line,
               "rows": rows}
     write_text_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out / "results.md", markdown(report))
@@ -184,7 +189,7 @@ def throughput(args) -> None:
     try:
         for round_ in range(args.rounds):
             for n in args.n:
-                methods = ("best-of-n", "ePF (EA)")[:: 1 if round_ % 2 == 0 else -1]
+                methods = paired_order(("best-of-n", "ePF (EA)"), round_)
                 rows = {}
                 for method in methods:
                     watch = EngineWatch(server.base_url)
@@ -284,7 +289,7 @@ def versus_its_hub(args) -> None:
         server = experiment_server(args, "--reward-url", scorer)
         try:
             for round_ in range(args.rounds):
-                sides = ("server", "its_hub")[:: 1 if round_ % 2 == 0 else -1]
+                sides = paired_order(("server", "its_hub"), round_)
                 rows = {}
                 for side in sides:
                     work = (server_epf(server.base_url, problems, args) if side == "server"
@@ -408,8 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--temperature", type=float, default=0.8)
     v.add_argument("--rounds", type=int, default=3)
     v.add_argument("--concurrency", type=int, default=1, help="problems at a time")
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else argv
+    args = parse_recorded(parser, argv)
     {"run": run, "throughput": throughput, "its-hub": versus_its_hub}[args.command](args)
 
 

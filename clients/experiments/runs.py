@@ -1,12 +1,16 @@
 """What the experiments share: the model they serve (`--model`, any model `steer serve` takes),
-the server they start for it, and bounded concurrency for their requests."""
+the server they start for it, bounded concurrency for their requests, the order of paired
+rounds, and the command line their results record."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+import shlex
+import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from clients.bench.local_server import LocalServer, steer_server
@@ -16,6 +20,22 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=os.environ.get("STEER_MODEL"),
                         help="what `steer serve --model` takes: a folder, a model `steer models "
                         "fetch` brought, a Hub id (default: the bundled model; env STEER_MODEL)")
+
+
+def parse_recorded(parser: argparse.ArgumentParser,
+                   argv: list[str] | None = None) -> argparse.Namespace:
+    """`parser`'s arguments, with `command_line`: the command that ran the experiment, quoted
+    so that it can be pasted (the parser's prog is `python -m <module>`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    args.command_line = f"{parser.prog} {shlex.join(argv)}"
+    return args
+
+
+def paired_order(items: Sequence, round_: int) -> list:
+    """`items` in the order paired round `round_` runs them: as given in even rounds, reversed
+    in odd ones, so that no side always runs first on a shared, noisy machine."""
+    return list(items) if round_ % 2 == 0 else list(items)[::-1]
 
 
 def experiment_server(args: argparse.Namespace, *extra: str,

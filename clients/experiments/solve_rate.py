@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from clients.experiments.runs import (
     add_model_argument,
     experiment_server,
     gather_bounded,
+    parse_recorded,
     tree_rss_mib,
 )
 from clients.experiments.stats import interval_text, mean_interval
@@ -92,8 +91,7 @@ def report(model: str, measured: dict, memory: float | None, args) -> str:
     if memory is not None:
         lines.append(f"- the server's resident memory (all its processes): "
                      f"{memory / 1024:.1f} GiB")
-    command = "python -m clients.experiments.solve_rate " + shlex.join(args.argv)
-    return "\n".join([*lines, "", f"Command: `{command}`", ""])
+    return "\n".join([*lines, "", f"Command: `{args.command_line}`", ""])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else argv
+    args = parse_recorded(parser, argv)
     problems = generate(args.per_level * len(args.levels), args.seed, levels=tuple(args.levels),
                         instruction=args.instruction)
     server = None

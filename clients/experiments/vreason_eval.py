@@ -16,7 +16,6 @@ import asyncio
 import json
 import math
 import statistics
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +23,13 @@ from pathlib import Path
 import httpx
 
 from clients.experiments.problems import INSTRUCTIONS, Problem, generate, is_correct
-from clients.experiments.runs import add_model_argument, experiment_server, tree_rss_mib
+from clients.experiments.runs import (
+    add_model_argument,
+    experiment_server,
+    paired_order,
+    parse_recorded,
+    tree_rss_mib,
+)
 from clients.files import save_figure, write_text_atomic
 from clients.sdk import checked
 from steering.methods.vreason.core import EntropyPhase, VReasonConfig
@@ -123,7 +128,7 @@ def run(args) -> None:
         row["ratio"] = row["ms_per_token"] / base
     report = {"model": model, "problems": len(problems), "max_tokens": args.max_tokens,
               "instruction": INSTRUCTIONS[args.instruction],
-              "command": "python -m clients.experiments.vreason_eval " + " ".join(args.argv),
+              "command": args.command_line,
               "concurrency": args.concurrency, "settings": asdict(VReasonConfig()),
               "rows": rows, "latency": {"prompts": len(prompts), "tokens": args.latency_tokens,
                                         "rss_mib_before": rss_before, "rows": bench},
@@ -188,9 +193,8 @@ def paired_latency(args) -> None:
     try:
         latency(server.base_url, prompts[:1], None, 8)  # warm-up
         for round_ in range(args.rounds):
-            order = list(methods.items())
             seconds = {name: latency(server.base_url, prompts, vreason, args.tokens)
-                       for name, vreason in (order if round_ % 2 == 0 else order[::-1])}
+                       for name, vreason in paired_order(methods.items(), round_)}
             for name in ratios:
                 ratios[name].append(seconds[name] / seconds[PLAIN])
             print(json.dumps({"round": round_, **{f"{name} ms/token": 1000 * value
@@ -268,8 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--prompts", type=int, default=4)
     t.add_argument("--tokens", type=int, default=64)
     t.add_argument("--every", type=int, nargs="+", default=[2, 8])
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else argv
+    args = parse_recorded(parser, argv)
     (run if args.command == "run" else paired_latency)(args)
 
 
