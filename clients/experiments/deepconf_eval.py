@@ -23,8 +23,13 @@ from pathlib import Path
 
 import httpx
 
-from clients.experiments.problems import ANSWER_FORMAT, Problem, generate
-from clients.experiments.runs import add_model_argument, experiment_server, paired_order
+from clients.experiments.problems import INSTRUCTIONS, Problem, generate
+from clients.experiments.runs import (
+    add_model_argument,
+    experiment_server,
+    paired_order,
+    parse_recorded,
+)
 from clients.files import save_figure, write_text_atomic
 from clients.sdk import checked
 
@@ -63,7 +68,8 @@ async def solve(url: str, problems: list[Problem], method: str, args) -> dict:
 def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    problems = generate(args.problems, seed=5, levels=tuple(args.levels))
+    problems = generate(args.problems, seed=5, levels=tuple(args.levels),
+                        instruction=args.instruction)
     server = None if args.url else experiment_server(args)
     url = args.url or server.base_url
     rows = []
@@ -76,9 +82,10 @@ def run(args) -> None:
         if server is not None:
             server.stop()
     report = {"model": model, "problems": len(problems), "levels": args.levels,
-              "budget": args.budget, "warmup": args.warmup, "window": args.window,
-              "parallel": args.parallel, "max_tokens": args.max_tokens,
-              "temperature": args.temperature, "rows": rows}
+              "instruction": INSTRUCTIONS[args.instruction], "budget": args.budget,
+              "warmup": args.warmup, "window": args.window, "parallel": args.parallel,
+              "max_tokens": args.max_tokens,
+              "temperature": args.temperature, "command": args.command_line, "rows": rows}
     write_text_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out / "results.md", markdown(report))
     plot(report, out / "accuracy_tokens.png")
@@ -90,11 +97,12 @@ def markdown(report: dict) -> str:
 
     lines = [
         f"Model {report['model']}, {report['problems']} problems (seed 5, levels "
-        f"{', '.join(map(str, report['levels']))}; \"{ANSWER_FORMAT}\"), budget "
+        f"{', '.join(map(str, report['levels']))}; \"{report['instruction']}\"), budget "
         f"{report['budget']} traces, warm-up {report['warmup']} (online), window "
         f"{report['window']} tokens, {report['parallel']} online traces at a time, consensus "
         f"0.95, temperature {report['temperature']}, max_tokens {report['max_tokens']} per "
-        "trace. 95% bootstrap intervals over problems; Δ is paired on the same problems.", "",
+        "trace. 95% bootstrap intervals over problems; Δ is paired on the same problems. "
+        f"Command: `{report['command']}`", "",
         "| method | accuracy | Δ vs majority vote | generated tokens / problem | tokens vs "
         "majority vote |",
         "|---|---|---|---|---|",
@@ -216,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--parallel", type=int, default=4)
     r.add_argument("--temperature", type=float, default=0.8)
     r.add_argument("--concurrency", type=int, default=2)
+    r.add_argument("--instruction", choices=INSTRUCTIONS, default="answer",
+                   help="what follows each question (problems.INSTRUCTIONS)")
     t = sub.add_parser("throughput", help="other requests' tokens/s beside DeepConf")
     t.add_argument("--rounds", type=int, default=6)
     t.add_argument("--others", type=int, default=4, help="other clients")
@@ -226,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--budget", type=int, default=budget)
         p.add_argument("--window", type=int, default=16)
         p.add_argument("--max-tokens", type=int, default=max_tokens)
-    args = parser.parse_args(argv)
+    args = parse_recorded(parser, argv)
     (run if args.command == "run" else throughput)(args)
 
 
