@@ -1,12 +1,12 @@
 """The experiment behind docs/diffadapt.md: self-label, train a probe, compare strategies.
 
-`run` starts a server on the bundled model (or uses --url), self-labels training problems
-(`steer probe label`), trains the probe (`steer probe train`), uploads it, and then answers
-held-out problems with each fixed strategy and with DiffAdapt, reporting accuracy and mean
-output tokens with 95% intervals (clients/stats.py). Fixed strategies send the same framing
-(instruction, system prompt, prefill), temperature, top-p and budget the server would pick for
-that class. Each recipe's results go to OUT/<recipe>/; OUT/strategies.png plots every recipe
-run so far.
+`run` starts a server on the experiment's model (`--model`, else the bundled one; or uses
+--url), self-labels training problems (`steer probe label`), trains the probe (`steer probe
+train`), uploads it, and then answers held-out problems with each fixed strategy and with
+DiffAdapt, reporting accuracy and mean output tokens with 95% intervals (clients/stats.py).
+Fixed strategies send the same framing (instruction, system prompt, prefill), temperature, top-p
+and budget the server would pick for that class. Each recipe's results go to OUT/<recipe>/;
+OUT/strategies.png plots every recipe run so far.
 
     python -m clients.experiments.diffadapt_eval run --recipe paper --out docs/diffadapt \\
         --probe-out server/bundled/difficulty-probe-paper.safetensors
@@ -81,11 +81,10 @@ def make_probe(url: str, args, recipe: Recipe, training: list[Problem]) -> dict:
     label_seconds = time.monotonic() - started
     probe, metrics = train(labelled, args.width, 100, 0.3, seed=0)
     meta = probe_meta(BUNDLED_NAMES[recipe], probe, labelled, metrics,
-                      f"python -m clients.experiments.diffadapt_eval run --recipe {recipe.value} "
-                      "(docs/diffadapt.md)",
-                      f"DiffAdapt difficulty probe ({recipe.value} recipe) for the bundled "
-                      "model, trained on the project's arithmetic / counting / comparison "
-                      "problems")
+                      f"{args.command_line} (docs/diffadapt.md)",
+                      f"DiffAdapt difficulty probe ({recipe.value} recipe) for "
+                      f"{labelled['model']}, trained on the project's arithmetic / counting / "
+                      "comparison problems")
     if args.probe_out:
         write_artifact(Path(args.probe_out), probe.tensors(), meta)
     upload(url, {}, PROBE_NAME, probe.tensors(), meta)
