@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
@@ -115,3 +116,14 @@ def generate(model, prompt_ids: list[int], max_tokens: int, every: int, steps: i
         with torch.no_grad():
             out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True,
                         output_hidden_states=True)
+
+
+def assert_served_equals(token_ids: list[int], updates: list[dict], reference: ReferenceRun):
+    """A served answer's tokens and V-Reason updates equal the reference run's: each update at
+    the same token, with the same sign and entropies (float32 sums in another order)."""
+    assert token_ids == reference.tokens
+    assert len(updates) == len(reference.updates) > 3
+    for got, want in zip(updates, reference.updates):
+        assert got["token"] == want["token"] and got["alpha"] == want["alpha"]
+        for key in ("entropy_before", "entropy_after"):
+            assert got[key] == pytest.approx(want[key], rel=2e-3, abs=2e-4), key

@@ -36,13 +36,9 @@ def test_engine_updates_and_tokens_equal_the_hf_reference(openai_client, hf_mode
     reference = vreason_reference.generate(
         model, served["prompt_token_ids"], 40, config["every"], config["steps"], config["lr"],
         config["ema"], config["positions"], eos=tokenizer.eos_token_id)
-    assert served["token_ids"] == reference.tokens
     updates = served["steering"]["vreason"]["updates"]
-    assert len(updates) == len(reference.updates) > 3
+    vreason_reference.assert_served_equals(served["token_ids"], updates, reference)
     for got, want in zip(updates, reference.updates):
-        assert got["token"] == want["token"] and got["alpha"] == want["alpha"]
-        for key in ("entropy_before", "entropy_after"):
-            assert got[key] == pytest.approx(want[key], rel=2e-3, abs=2e-4), key
         assert got["delta_norm"] == pytest.approx(want["delta_norm"], rel=2e-3)
         # The update starts from the distribution the engine sampled from.
         measured = served["steering"]["token_entropy"][got["token"]]

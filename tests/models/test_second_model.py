@@ -59,13 +59,8 @@ def test_vreason_equals_the_hf_reference_on_this_model(http, folder):
     choice = served["choices"][0]
     reference = vreason_reference.generate(model, choice["prompt_token_ids"], 32, 4, 2, 0.05,
                                            0.9, "prompt", eos=eos)
-    assert choice["token_ids"] == reference.tokens
-    updates = choice["steering"]["vreason"]["updates"]
-    assert len(updates) == len(reference.updates) > 3
-    for got, want in zip(updates, reference.updates):
-        assert got["token"] == want["token"] and got["alpha"] == want["alpha"]
-        for key in ("entropy_before", "entropy_after"):
-            assert got[key] == pytest.approx(want[key], rel=2e-3, abs=2e-4), key
+    vreason_reference.assert_served_equals(choice["token_ids"],
+                                           choice["steering"]["vreason"]["updates"], reference)
 
 
 @pytest.mark.parametrize("steering, acted", [
