@@ -253,6 +253,35 @@ def test_label_and_train_with_the_cli(server, tmp_path, capsys):
     probe_main([*keys, "delete", "cli-probe"])
 
 
+def test_a_probe_over_the_request_body_limit_uploads_whole(server, http, tmp_path):
+    """The paper recipe's 512-wide MLP on an 896-wide model is 10 MB of JSON, over the 8 MiB
+    other routes take: `steer probe upload` stores it whole (here 1,024 wide on this model's
+    576 features: 13 MB) and it comes back as sent."""
+    from clients.cli.probes import main as probe_main
+    from steering.artifacts import write_artifact
+
+    seeded = torch.Generator().manual_seed(0)
+    tensors = {"feature_mean": torch.zeros(576), "feature_scale": torch.ones(576),
+               "net.0.weight": torch.randn(1024, 576, generator=seeded),
+               "net.0.bias": torch.zeros(1024),
+               "net.2.weight": torch.randn(3, 1024, generator=seeded),
+               "net.2.bias": torch.zeros(3)}
+    probe_file = tmp_path / "wide.safetensors"
+    write_artifact(probe_file, tensors, {
+        "name": "wide-probe", "model": MODEL, "thresholds": THRESHOLDS, "metrics": {},
+        "source": "test", "description": "test", "recipe": "paper"})
+    keys = ["--url", server.base_url, "--api-key", API_KEY, "--admin-key", ADMIN_KEY]
+    probe_main([*keys, "upload", str(probe_file)])
+    try:
+        stored = http.get("/v1/steering/probes/wide-probe",
+                          params={"include_weights": True}, timeout=120).json()
+        assert stored["width"] == 1024 and stored["recipe"] == "paper"
+        for name, tensor in tensors.items():
+            assert torch.equal(torch.tensor(stored["weights"][name]), tensor), name
+    finally:
+        probe_main([*keys, "delete", "wide-probe"])
+
+
 # The paper's recipe (the authors' code): the bundled SmolLM2 has no <think> tokens, so its
 # texts run without the tags.
 PAPER = RECIPES[Recipe.PAPER]
