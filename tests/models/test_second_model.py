@@ -74,6 +74,9 @@ def test_vreason_equals_the_hf_reference_on_this_model(http, folder):
      lambda report: len(report["particles"]["final_scores"]) == 2),
     ({"deepconf": {"budget": 3, "warmup": 2, "window": 4}},  # online: may stop on consensus
      lambda report: 2 <= len(report["deepconf"]["traces"]) <= 3),
+    ({"diffadapt": {"probe": "paper"}},  # the probe shipped for this model
+     lambda report: report["diffadapt"]["recipe"] == "paper"
+     and abs(sum(report["diffadapt"]["probabilities"].values()) - 1) < 1e-5),
 ])
 def test_each_method_answers_with_its_report(http, steering, acted):
     choice = chat(http, steering, temperature=0.7, seed=1)["choices"][0]

@@ -160,7 +160,7 @@ def test_serve_takes_a_fetched_model_by_name(tmp_path, monkeypatch):
     assert CATALOG[name].size == 491_400_064 and len(CATALOG[name].wheels) == 6
 
 
-def test_the_second_models_shipped_vector_fits_it(tmp_path):
+def test_the_second_models_shipped_vector_and_probe_fit_it(tmp_path):
     """Its artifacts.json and files install into stores of its shape (hidden size 896, 24
     layers), as the server seeds them at start."""
     from server.default_model import seed_artifacts, shipped_folder
@@ -171,6 +171,7 @@ def test_the_second_models_shipped_vector_fits_it(tmp_path):
     probes = ProbeStore(tmp_path / "p", model=name, hidden_size=896)
     seed_artifacts(vectors, probes, shipped_folder(name))
     assert [(m.name, m.layer, m.method) for m in vectors.list()] == [("bandit", 12, "east")]
+    assert [(m.name, m.recipe, m.width) for m in probes.list()] == [("paper", "paper", 512)]
 
 
 def test_each_known_model_gets_its_tool_call_parser_unless_the_command_line_says_otherwise():
