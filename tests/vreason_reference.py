@@ -120,10 +120,14 @@ def generate(model, prompt_ids: list[int], max_tokens: int, every: int, steps: i
 
 def assert_served_equals(token_ids: list[int], updates: list[dict], reference: ReferenceRun):
     """A served answer's tokens and V-Reason updates equal the reference run's: each update at
-    the same token, with the same sign and entropies (float32 sums in another order)."""
+    the same token, with the same sign and entropies. The two runs edit their caches apart,
+    float32 sums in another order, and the drift grows with the updates: by the 18th update of 3
+    steps at lr 0.1 it reached 2.2e-3 relative (torch 2.13, transformers 5.19)."""
     assert token_ids == reference.tokens
     assert len(updates) == len(reference.updates) > 3
     for got, want in zip(updates, reference.updates):
         assert got["token"] == want["token"] and got["alpha"] == want["alpha"]
         for key in ("entropy_before", "entropy_after"):
-            assert got[key] == pytest.approx(want[key], rel=2e-3, abs=2e-4), key
+            assert got[key] == pytest.approx(want[key], rel=3e-3, abs=2e-4), (
+                f"{key} of the update at token {got['token']}: {got[key]} served, "
+                f"{want[key]} in the reference")
