@@ -11,6 +11,10 @@ already seen earlier in the same text) and the mean per-token log-likelihood of 
 the model at T = 1 (vLLM's raw logprobs of the sampled tokens, a fluency proxy), each as mean ±
 standard error over prompts × samples, paired seeds.
 
+Each arm's difference from its baseline (bandit: no steering; stories: T = 1.0, the temperature
+the entropy-driven arms start from) is paired over the same units (prompts; prompt × seed), with
+a 95% percentile-bootstrap interval. The tables record the command that made them.
+
     python -m clients.experiments.gates_eval --out docs/gates
 """
 
@@ -27,7 +31,8 @@ from pathlib import Path
 import httpx
 
 from clients.experiments.bandit import make_prompts, sample_actions
-from clients.experiments.runs import add_model_argument, experiment_server
+from clients.experiments.runs import add_model_argument, experiment_server, parse_recorded
+from clients.experiments.stats import interval_text, paired_difference
 from clients.files import save_figure, write_text_atomic
 from clients.sdk import checked
 from steering.methods.east.core import action_entropy
@@ -78,10 +83,13 @@ def bandit(url: str, args) -> list[dict]:
     for arm, beta, steering in arms:
         prompts = per_prompt(asyncio.run(sample_actions(url, {}, records, args.samples,
                                                         steering)))
-        h, h_se = mean_se([p["entropy"] for p in prompts if p["entropy"] is not None])
-        v, v_se = mean_se([p["valid"] for p in prompts])
+        units = {"action_entropy": [math.nan if p["entropy"] is None else p["entropy"]
+                                    for p in prompts],
+                 "valid_action_rate": [p["valid"] for p in prompts]}
+        h, h_se = mean_se(units["action_entropy"])
+        v, v_se = mean_se(units["valid_action_rate"])
         rows.append({"arm": arm, "beta": beta, "action_entropy": h, "action_entropy_se": h_se,
-                     "valid_action_rate": v, "valid_action_rate_se": v_se})
+                     "valid_action_rate": v, "valid_action_rate_se": v_se, "units": units})
         print(f"bandit {arm:24s} beta {beta:5.2f}  entropy {h:.3f} ± {h_se:.3f}  "
               f"valid {v:.2f} ± {v_se:.2f}", flush=True)
     return rows
@@ -125,9 +133,10 @@ def stories(url: str, args) -> list[dict]:
                 texts = await asyncio.gather(*(one(p, s, arm)
                                                for p in range(len(STORY_PROMPTS))
                                                for s in range(args.story_samples)))
-                row = {"arm": name}
+                row = {"arm": name, "units": {}}
                 for key in ("distinct_2", "rep_3", "loglik", "tokens"):
-                    row[key], row[f"{key}_se"] = mean_se([t[key] for t in texts])
+                    row["units"][key] = [t[key] for t in texts]  # in prompt × seed order
+                    row[key], row[f"{key}_se"] = mean_se(row["units"][key])
                 rows.append(row)
                 print(f"stories {name:32s} distinct-2 {row['distinct_2']:.3f}  "
                       f"rep-3 {row['rep_3']:.3f}  loglik {row['loglik']:.3f}", flush=True)
@@ -167,12 +176,18 @@ def plot(rows: list[dict], path: Path, model: str) -> bool:
     return True
 
 
-def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    lines = ["| arm | " + " | ".join(title for _, title in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
+def table(rows: list[dict], columns: list[tuple[str, str]], baseline: str) -> str:
+    """Each column as mean ± standard error, then each as the paired difference from the
+    `baseline` arm over the same units, with its 95% interval."""
+    base = next(r for r in rows if r["arm"] == baseline)
+    titles = [title for _, title in columns] + [f"Δ {title} vs {baseline}"
+                                                 for _, title in columns]
+    lines = ["| arm | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(titles)]
     for r in rows:
         name = f"{r['arm']}, β {r['beta']:g}" if r.get("beta") else r["arm"]
         cells = [f"{r[k]:.3f} ± {r[k + '_se']:.3f}" for k, _ in columns]
+        cells += [interval_text(paired_difference(r["units"][k], base["units"][k]))
+                  for k, _ in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -194,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vector", default="explore",
                         help="the stored EAST vector the bandit arms use (the bundled model's "
                         "explore; the second model ships bandit)")
-    args = parser.parse_args(argv)
+    args = parse_recorded(parser, argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     server = experiment_server(args)
@@ -205,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         model = checked(httpx.get(f"{server.base_url}/v1/models"))["data"][0]["id"]
     finally:
         server.stop()
-    result = {"model": model,
+    result = {"model": model, "command": args.command_line,
               "bandit": {"vector": args.vector, "test_prompts": args.test,
                          "samples_per_prompt": args.samples, "gate_below": args.below,
                          "gate_hold": args.hold, "rows": bandit_rows},
@@ -214,11 +229,13 @@ def main(argv: list[str] | None = None) -> None:
                           "rows": story_rows},
               "seconds": round(time.time() - started)}
     write_text_atomic(out / "results.json", json.dumps(result, indent=2))
-    markdown = (table(bandit_rows, [("action_entropy", "action entropy (nats)"),
-                                    ("valid_action_rate", "valid-action rate")])
+    markdown = (f"```bash\n{args.command_line}\n```\n\n"
+                + table(bandit_rows, [("action_entropy", "action entropy (nats)"),
+                                      ("valid_action_rate", "valid-action rate")], "none")
                 + "\n\n" + table(story_rows, [("distinct_2", "distinct-2"),
                                               ("rep_3", "3-gram repetition"),
-                                              ("loglik", "log-likelihood / token at T = 1")]))
+                                              ("loglik", "log-likelihood / token at T = 1")],
+                                   "T = 1.0"))
     write_text_atomic(out / "results.md", markdown + "\n")
     print(markdown)
     if plot(bandit_rows, out / "bandit.png", model):
