@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 from clients.cli.options import add_server_arguments, auth_headers
-from clients.experiments.runs import add_model_argument, experiment_server
+from clients.experiments.runs import add_model_argument, experiment_server, pyplot
 from clients.files import save_figure, write_text_atomic
 from clients.sdk import checked
 
@@ -135,10 +135,7 @@ def per_prompt(actions: list[list[str | None]]) -> tuple[list[float], list[float
 
 
 def plot(rows: list[dict], path: Path, model: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 6), sharex=True)
     for vector, marker in (("variant", "o-"), ("paper", "s-"), ("shuffled", "^--")):
@@ -164,6 +161,7 @@ def run(args) -> None:
     comparison with the unsteered row is paired by prompt): the variant (random histories,
     global centring, rescaled), the paper's (logged runs, Eq. 1, raw) and its shuffled
     control."""
+    pyplot()  # the docs extra is there, before the run rather than at its end
     from clients.cli.vectors import east_from_samples, sample_east, upload
     from clients.experiments.stats import interval_text, mean_interval, paired_difference
     from steering.methods.east.core import Centring

@@ -29,6 +29,7 @@ from clients.experiments.runs import (
     experiment_server,
     paired_order,
     parse_recorded,
+    pyplot,
 )
 from clients.files import save_figure, write_text_atomic
 from clients.sdk import checked
@@ -66,6 +67,7 @@ async def solve(url: str, problems: list[Problem], method: str, args) -> dict:
 
 
 def run(args) -> None:
+    pyplot()  # the docs extra is there, before the run rather than at its end
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     problems = generate(args.problems, seed=5, levels=tuple(args.levels),
@@ -119,10 +121,7 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     """Accuracy against generated tokens per problem, each with its 95% interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from clients.experiments.stats import mean_interval
 

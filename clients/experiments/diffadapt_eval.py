@@ -26,7 +26,7 @@ import httpx
 
 from clients.cli.probes import label, probe_meta, train, upload
 from clients.experiments.problems import Problem, generate, is_correct
-from clients.experiments.runs import add_model_argument, experiment_server, parse_recorded
+from clients.experiments.runs import add_model_argument, experiment_server, parse_recorded, pyplot
 from clients.files import save_figure, write_text_atomic
 from clients.sdk import checked
 from steering.artifacts import write_artifact
@@ -107,6 +107,7 @@ def run(args) -> None:
     """One recipe: label, train and store a probe (or take the stored `--probe`), answer the
     held-out problems with every fixed strategy and with DiffAdapt; `out/<recipe>/results.json`
     keeps every problem's outcome so each comparison gets a paired interval."""
+    pyplot()  # the docs extra is there, before the run rather than at its end
     out = Path(args.out)
     training = generate(args.train, seed=1)
     seen = {p.question for p in training}
@@ -201,10 +202,7 @@ def markdown(report: dict) -> str:
 
 def plot(reports: list[dict], path: Path) -> None:
     """Accuracy against output tokens per strategy, one panel per recipe, with intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from clients.experiments.stats import mean_interval
 

@@ -31,7 +31,12 @@ from pathlib import Path
 import httpx
 
 from clients.experiments.bandit import make_prompts, sample_actions
-from clients.experiments.runs import add_model_argument, experiment_server, parse_recorded
+from clients.experiments.runs import (
+    add_model_argument,
+    experiment_server,
+    parse_recorded,
+    pyplot,
+)
 from clients.experiments.stats import interval_text, paired_difference
 from clients.files import save_figure, write_text_atomic
 from clients.sdk import checked
@@ -145,14 +150,8 @@ def stories(url: str, args) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path, model: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+def plot(rows: list[dict], path: Path, model: str) -> None:
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     none = next(r for r in rows if r["arm"] == "none")
     for arm in dict.fromkeys(r["arm"] for r in rows if r["arm"] != "none"):
@@ -173,7 +172,6 @@ def plot(rows: list[dict], path: Path, model: str) -> bool:
     fig.suptitle(f"Gated vs always-on EAST, text bandit, {model}")
     fig.tight_layout()
     save_figure(fig, path)
-    return True
 
 
 def table(rows: list[dict], columns: list[tuple[str, str]], baseline: str) -> str:
@@ -210,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the stored EAST vector the bandit arms use (the bundled model's "
                         "explore; the second model ships bandit)")
     args = parse_recorded(parser, argv)
+    pyplot()  # the docs extra is there, before the run rather than at its end
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     server = experiment_server(args)
@@ -238,8 +237,8 @@ def main(argv: list[str] | None = None) -> None:
                                    "T = 1.0"))
     write_text_atomic(out / "results.md", markdown + "\n")
     print(markdown)
-    if plot(bandit_rows, out / "bandit.png", model):
-        print(f"plot: {out / 'bandit.png'}")
+    plot(bandit_rows, out / "bandit.png", model)
+    print(f"plot: {out / 'bandit.png'}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from clients.experiments.runs import (
     gather_bounded,
     paired_order,
     parse_recorded,
+    pyplot,
 )
 from clients.files import save_figure, write_text_atomic
 from clients.sdk import checked
@@ -93,6 +94,7 @@ WHOLE_ANSWER_REWARDS = {
 
 
 def run(args) -> None:
+    pyplot()  # the docs extra is there, before the run rather than at its end
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     problems = generate(args.problems, seed=3, kinds=tuple(args.kinds),
@@ -351,10 +353,7 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     """Accuracy per method with its 95% interval, one group per particle count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from clients.experiments.stats import mean_interval
 

@@ -1,6 +1,6 @@
 """What the experiments share: the model they serve (`--model`, any model `steer serve` takes),
 the server they start for it, bounded concurrency for their requests, the order of paired
-rounds, and the command line their results record."""
+rounds, the command line their results record, and their plotting library."""
 
 from __future__ import annotations
 
@@ -20,6 +20,20 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=os.environ.get("STEER_MODEL"),
                         help="what `steer serve --model` takes: a folder, a model `steer models "
                         "fetch` brought, a Hub id (default: the bundled model; env STEER_MODEL)")
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing off-screen. An experiment also calls it before it starts, so
+    that a missing `docs` extra stops it at once rather than at the plot after an hour's run."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("the experiments draw their plots with matplotlib, which the `docs` "
+                         "extra installs: pip install -e '.[docs]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def parse_recorded(parser: argparse.ArgumentParser,

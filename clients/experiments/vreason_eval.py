@@ -28,6 +28,7 @@ from clients.experiments.runs import (
     experiment_server,
     paired_order,
     parse_recorded,
+    pyplot,
     tree_rss_mib,
 )
 from clients.files import save_figure, write_text_atomic
@@ -99,6 +100,7 @@ def latency(url: str, prompts: list[str], vreason: dict | None, tokens: int) -> 
 
 
 def run(args) -> None:
+    pyplot()  # the docs extra is there, before the run rather than at its end
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     problems = generate(args.problems, seed=5, instruction=args.instruction)
@@ -148,10 +150,7 @@ def mean_trajectory(traces: list[list[float]]) -> list[float]:
 def plot(report: dict, path: Path) -> None:
     """Left: the entropy EMA per generated token, mean over the problems still answering.
     Right: each V-Reason setting's paired difference from greedy, with its 95% interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from clients.experiments.stats import paired_difference
 
