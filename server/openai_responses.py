@@ -24,6 +24,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
+from openai.types.responses import ResponseOutputMessage, ResponseOutputText
+from pydantic import field_validator
 from vllm.entrypoints.generate.base.protocol import StreamOptions
 from vllm.entrypoints.openai.responses.protocol import (
     ResponsesRequest as VllmResponsesRequest,
@@ -55,6 +57,20 @@ OPAQUE_KEYS = frozenset({"parameters", "schema", "metadata"})
 class ResponsesRequest(SteeringFields, VllmResponsesRequest):
     """vLLM's Responses request with `steering` and the methods' request-level fields, and
     the chat fields an orchestration reads, as a Response has them."""
+
+    @field_validator("input")
+    @classmethod
+    def _assistant_turns_as_one_text(cls, items):
+        """An earlier assistant message in `input` becomes one text part, its parts' text and
+        refusals in order: vLLM renders an assistant turn from its first part's `text` only,
+        which a refusal part or an empty `content` does not have (it answered 500)."""
+        if isinstance(items, str):
+            return items
+        return [item.model_copy(update={"content": [ResponseOutputText(
+                    type="output_text", annotations=[],
+                    text="".join(getattr(part, "text", None) or getattr(part, "refusal", "")
+                                 for part in item.content))]})
+                if isinstance(item, ResponseOutputMessage) else item for item in items]
 
     @property
     def n(self) -> None:

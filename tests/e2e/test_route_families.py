@@ -273,6 +273,28 @@ def test_a_system_prompt_and_stored_turns_render_as_chat_would(http):
     assert missing.status_code == 404, missing.text
 
 
+def test_an_assistant_turn_with_a_refusal_or_no_parts_renders_as_chat_would(http):
+    """An earlier assistant message in `input` is its parts' text and refusals joined, as a
+    chat assistant turn (vLLM alone answered a refusal part or empty `content` with a 500)."""
+    def assistant(*parts) -> dict:
+        return {"type": "message", "role": "assistant", "status": "completed", "id": "msg_1",
+                "content": list(parts)}
+
+    refusal = {"type": "refusal", "refusal": "I cannot."}
+    text = {"type": "output_text", "text": " Ask again.", "annotations": []}
+    for parts, said in (((refusal, text), "I cannot. Ask again."), ((), "")):
+        turns = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": said},
+                 {"role": "user", "content": "Why?"}]
+        chat = http.post("/v1/chat/completions", json={
+            "model": MODEL, "max_tokens": TOKENS, "temperature": 0, "messages": turns}).json()
+        response = http.post("/v1/responses", json=responses_body(input=[
+            turns[0], assistant(*parts), turns[2]]))
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]
+        assert response.json()["output"][0]["content"][0]["text"] == \
+            chat["choices"][0]["message"]["content"]
+
+
 def test_count_tokens_counts_the_prompt_the_model_gets(http, steered_chat):
     r = http.post("/v1/messages/count_tokens", json={
         "model": MODEL, "messages": [{"role": "user", "content": QUESTION}]})
