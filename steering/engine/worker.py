@@ -4,7 +4,9 @@ Methods are called from the API process with `collective_rpc`, so they run on ev
 tensor-parallel rank. `steer_install` registers forward hooks on the outer model (which vLLM does
 not compile): before every step they give each method's worker part (`Method.worker_part`, in
 registry order) the step's layout, a zeroed coefficient block and the capture rows, then write
-what the parts asked for into the steering table; after it, each part reads its captures.
+what the parts asked for into the steering table; after it, each part reads its captures, and
+then the step's logits (a wrapper around the outer model's `compute_logits`, which vLLM calls
+outside the compiled graph).
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ class _StepFiller:
             part.after_forward(step)
         self.table.capture_rows.zero_()
 
+    def after_logits(self, logits: torch.Tensor) -> None:
+        for part in self.parts.values():
+            if part.active:
+                part.after_logits(logits)
+
 
 class SteeringWorkerExtension:
     """Mixed into vLLM's worker class; every public name here becomes an RPC method."""
@@ -74,6 +81,14 @@ class SteeringWorkerExtension:
             filler = self._steer_filler = _StepFiller(self.model_runner, table)
             model.register_forward_pre_hook(filler.before_forward, with_kwargs=True)
             model.register_forward_hook(filler.after_forward, with_kwargs=True)
+            compute_logits = model.compute_logits
+
+            def logits_seen_by_parts(hidden_states: torch.Tensor) -> torch.Tensor:
+                logits = compute_logits(hidden_states)
+                filler.after_logits(logits)
+                return logits
+
+            model.compute_logits = logits_seen_by_parts
         return {"layers": table.num_layers, "slots": table.slots,
                 "hidden_size": table.vectors.shape[1], "max_tokens": table.max_tokens,
                 "capture_rows": table.capture_rows.numel(),

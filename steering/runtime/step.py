@@ -4,7 +4,8 @@ Before each forward pass the engine's step filler (`steering.engine.worker`) giv
 method's `WorkerPart` the step's layout: which token rows each batch row occupies, how many of
 its tokens were computed before, a zeroed coefficient block to add steering to (layers × token
 rows × vector slots), and the capture rows to ask for (the residual stream, and the last
-layer's attention query, at a token row). After the pass, each part reads its captures.
+layer's attention query, at a token row). After the pass, each part reads its captures, then
+the logits the model computed from it.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ class WorkerPart:
 
     def after_forward(self, step: LayerStep) -> None:
         """Read this step's captures (`self.table.captured[:, slot]`)."""
+
+    def after_logits(self, logits: torch.Tensor) -> None:
+        """Read the step's logits as the model computed them (one row per batch row, before
+        any sampling parameter or processor changes them)."""
 
     def take(self, key: str, *args):
         """What a finished request `key` left for the API process (None: nothing)."""

@@ -19,6 +19,7 @@ from steering.methods.vreason.core import (
     norm_preserving,
     output_entropy,
     switching_gradient,
+    transposed_product,
     tune_values,
 )
 from tests import vreason_reference
@@ -155,6 +156,39 @@ def test_value_update_matches_the_hf_reference_and_moves_entropy_with_the_sign(h
     # update (sign, slot, norm) is off by whole steps.
     assert (update.values - written).abs().max() < 5e-3
     assert (update.entropy_after - update.entropy_before) * alpha > 0
+
+
+@pytest.mark.parametrize("alpha", [1, -1])
+def test_an_update_from_the_models_own_logits_matches_the_hf_reference(hf, alpha):
+    """The engine hands the first step the logits it computed for that token: the update is
+    the reference's, as when the core recomputes them."""
+    model, tokenizer = hf
+    ids, logits, cache, x, query, keys, values = _prefill(model, tokenizer, "What is 12 + 30?")
+    tuned = torch.arange(len(ids))
+    update = tune_values(_tail(model), query, x, keys, values, tuned,
+                         model.model.layers[-1].self_attn.scaling, alpha, steps=3, lr=0.05,
+                         logits=logits)
+    expected = vreason_reference._update(model, cache, x[None, None], tuned, alpha, 3, 0.05)
+    assert update.entropy_before == pytest.approx(expected["entropy_before"], rel=1e-4, abs=1e-5)
+    assert update.entropy_after == pytest.approx(expected["entropy_after"], rel=1e-3, abs=1e-4)
+    assert update.delta_norm == pytest.approx(expected["delta_norm"], rel=1e-3)
+    written = cache.layers[-1].values[0].transpose(0, 1)[tuned]
+    assert (update.values - written).abs().max() < 5e-3
+
+
+def test_the_threaded_transposed_product_is_the_plain_product_bit_for_bit(hf):
+    """The HF-parity of an update rests on its LM-head product summing as autograd's does."""
+    model, _ = hf
+    lm_head = model.lm_head.weight
+    gradient = torch.softmax(torch.randn(lm_head.shape[0], generator=torch.Generator()
+                                         .manual_seed(0)) * 4, 0) - 1 / lm_head.shape[0]
+    threads = torch.get_num_threads()
+    try:
+        for count in (2, 3, 4, 8, 12, 16):
+            torch.set_num_threads(count)
+            assert torch.equal(transposed_product(lm_head, gradient), gradient @ lm_head)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _runner(architecture="LlamaForCausalLM", tp=1, isa="vec", kv_dtype="auto", window=None,

@@ -6,7 +6,9 @@ Per engine step, in this order (vLLM runs them in one worker process):
    the last layer's input and query at a row whose sampled token completes a multiple of
    `every`.
 2. The compiled model runs; `SteerableLayer` / `QueryCapture` copy those rows into the table.
-3. `ValueCacheTuner.after_forward` keeps each capture on its row.
+3. `ValueCacheTuner.after_forward` keeps each capture on its row, and `after_logits` the row's
+   logits as the model computed them (the update's first step starts from them instead of
+   recomputing them: one pass over the LM head less).
 4. `VReasonProcessor.apply` measures the entropy of the V-Reason rows' logits in one batched op
    and feeds each row's EMA.
 
@@ -57,7 +59,7 @@ class VReasonRow:
     the report of its updates."""
 
     __slots__ = ("config", "prompt_len", "phase", "updates", "sampling", "hidden", "query",
-                 "error")
+                 "logits", "error")
 
     def __init__(self, config: VReasonConfig, prompt_len: int) -> None:
         self.config = config
@@ -67,6 +69,7 @@ class VReasonRow:
         self.sampling = False  # this step's logits give a kept token (not a partial prefill)
         self.hidden: torch.Tensor | None = None  # last layer's input at the newest position
         self.query: torch.Tensor | None = None  # its attention query there (after RoPE)
+        self.logits: torch.Tensor | None = None  # the model's logits there
         self.error: str | None = None  # why tuning stopped for this request, if it failed
 
 
@@ -156,7 +159,7 @@ class ValueCacheTuner(WorkerPart):
         self.processor = processor_of(runner, VReasonProcessor)
         self.unsupported = self._check(runner)
         self.tail: LastLayerTail | None = None
-        self.capturing: list[tuple[VReasonRow, int]] = []
+        self.capturing: list[tuple[VReasonRow, int, int]] = []  # row, capture slot, batch row
         if self.unsupported is None:
             with torch.inference_mode(False):  # weights that autograd may save for backward
                 self.tail = self._load_tail(runner)
@@ -235,20 +238,26 @@ class ValueCacheTuner(WorkerPart):
                 except Exception as exc:  # a failed update ends tuning, never the engine
                     logger.exception("V-Reason update failed; request continues untuned")
                     row.error = f"{type(exc).__name__}: {exc}"
-                row.hidden = row.query = None
+                row.hidden = row.query = row.logits = None
             newest = computed + end - start - 1
             row.sampling = newest >= row.prompt_len - 1
             kept_tokens = newest - row.prompt_len + 2
             if row.sampling and row.error is None and kept_tokens % row.config.every == 0:
                 slot = step.capture(end - 1)
                 if slot is not None:
-                    self.capturing.append((row, slot))
+                    self.capturing.append((row, slot, index))
 
     def after_forward(self, step: LayerStep) -> None:
         table = self.table
-        for row, slot in self.capturing:
+        for row, slot, _ in self.capturing:
             row.hidden = table.captured[-2, slot].clone()
             row.query = table.captured_query[slot].clone()
+
+    def after_logits(self, logits: torch.Tensor) -> None:
+        if logits.shape[0] == self.runner.input_batch.num_reqs:  # one row per request
+            vocab = self.tail.lm_head.shape[0]
+            for row, _, index in self.capturing:
+                row.logits = logits[index, :vocab].float().clone()
         self.capturing = []
 
     def _update(self, index: int, row: VReasonRow, length: int) -> None:
@@ -273,7 +282,8 @@ class ValueCacheTuner(WorkerPart):
                              else length)
         alpha = row.phase.alpha
         update = tune_values(self.tail, row.query.view(-1, head_dim), row.hidden, keys, values,
-                             tuned, attention.impl.scale, alpha, row.config.steps, row.config.lr)
+                             tuned, attention.impl.scale, alpha, row.config.steps, row.config.lr,
+                             row.logits)
         values_view[block_of[tuned], :, offset[tuned], :] = update.values.to(cache.dtype)
         row.updates.append({"token": length - row.prompt_len, "alpha": alpha,
                             "ema": row.phase.ema, "entropy_before": update.entropy_before,

@@ -109,7 +109,9 @@ class LastLayerTail:
         update."""
         with torch.inference_mode(False), torch.no_grad():
             hidden = torch.zeros(self.lm_head.shape[1], device=self.lm_head.device)
+            logits = torch.zeros(self.lm_head.shape[0], device=self.lm_head.device)
             switching_gradient(self.lm_head, hidden, torch.tensor(1.0))
+            switching_gradient(self.lm_head, hidden, torch.tensor(1.0), logits)
             output_entropy(self.lm_head, hidden)
 
 
@@ -151,6 +153,13 @@ def _output_log_probs(lm_head: torch.Tensor, hidden: torch.Tensor) -> torch.Tens
     return torch.log_softmax((lm_head * hidden).sum(-1, dtype=torch.float32), -1)
 
 
+def _logit_gradient(logp: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """H(p) and ∂L/∂z_i = α p_i (log p_i + H(p)) for L = α · KL(p ‖ U) = α (log|V| - H(p))."""
+    p = logp.exp()
+    entropy = -(p * logp).sum()
+    return entropy, alpha * p * (logp + entropy)
+
+
 @torch.compile(dynamic=False)
 def output_entropy(lm_head: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """H(p), p = softmax(lm_head · hidden), in one pass over the LM head."""
@@ -159,21 +168,47 @@ def output_entropy(lm_head: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.compile(dynamic=False)
-def switching_gradient(lm_head: torch.Tensor, hidden: torch.Tensor,
-                       alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gradient_at_hidden(lm_head: torch.Tensor, hidden: torch.Tensor,
+                        alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _logit_gradient(_output_log_probs(lm_head, hidden), alpha)
+
+
+@torch.compile(dynamic=False)
+def _gradient_of_logits(logits: torch.Tensor,
+                        alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _logit_gradient(torch.log_softmax(logits.float(), -1), alpha)
+
+
+def transposed_product(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """matrixᵀ · vector with the output's columns split into one batch entry per thread.
+
+    A plain `vector @ matrix` runs MKL's transposed matrix-vector product on one thread
+    however many the worker has (11 ms for SmolLM2's LM head); the batched product runs the
+    same product on each column block, one per thread (7 ms with 2 threads), and every output
+    element is the same sum in the same order: the result is bit for bit the plain product's,
+    which the HF-parity tests need (Adam turns a near-zero gradient element's rounding into a
+    whole step's sign). A compiled column reduction is faster still but sums in another
+    order, and fails them."""
+    rows, columns = matrix.shape
+    parts = max(d for d in range(1, torch.get_num_threads() + 1) if columns % d == 0)
+    if parts == 1:
+        return vector @ matrix
+    blocks = matrix.view(rows, parts, columns // parts).transpose(0, 1)
+    return torch.bmm(vector.expand(parts, 1, rows), blocks).reshape(columns)
+
+
+def switching_gradient(lm_head: torch.Tensor, hidden: torch.Tensor, alpha: torch.Tensor,
+                       logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The entropy switching loss's gradient at the LM head's input, in closed form: with
     z = lm_head · hidden and p = softmax(z), L = α · KL(p ‖ U) = α (log|V| - H(p)) has
         ∂L/∂z_i = α p_i (log p_i + H(p)),   ∂L/∂hidden = lm_headᵀ ∂L/∂z.
     Returns (H(p), ∂L/∂hidden). The LM head is the update's one large matrix and reading it is
-    what the update costs: the compiled forward and softmax are one streaming pass, where
-    autograd read it twice. The backward product stays a plain matmul: a compiled column
-    reduction sums in another order, enough to move Adam's near-zero gradient elements past
-    the HF-parity tolerance."""
-    logp = _output_log_probs(lm_head, hidden)
-    p = logp.exp()
-    entropy = -(p * logp).sum()
-    dz = alpha * p * (logp + entropy)
-    return entropy, dz @ lm_head
+    what the update costs: the compiled forward and softmax are one streaming pass (none when
+    `logits`, z already computed by the engine, are given), where autograd read it twice. The
+    backward product is MKL's, as autograd's is (`transposed_product`)."""
+    entropy, dz = (_gradient_at_hidden(lm_head, hidden, alpha) if logits is None
+                   else _gradient_of_logits(logits, alpha))
+    return entropy, transposed_product(lm_head, dz)
 
 
 @dataclass(frozen=True)
@@ -188,11 +223,13 @@ class ValueUpdate:
 
 def tune_values(tail: LastLayerTail, query: torch.Tensor, residual: torch.Tensor,
                 keys: torch.Tensor, values: torch.Tensor, tuned: torch.Tensor, scale: float,
-                alpha: int, steps: int, lr: float) -> ValueUpdate:
+                alpha: int, steps: int, lr: float,
+                logits: torch.Tensor | None = None) -> ValueUpdate:
     """Take `steps` Adam steps on ΔV (from zero) at positions `tuned` of the newest position's
     last-layer recomputation; keys/values: (positions, kv_heads, d), the cache up to and
     including the newest position; query: (heads, d), after RoPE; residual: the layer's input
-    there."""
+    there; logits: the model's logits there with the cache as it is, when the engine has them
+    (the first step then skips one pass over the LM head)."""
     with torch.inference_mode(False), torch.enable_grad():
         # Engines call this under inference mode: autograd needs ordinary copies of its inputs.
         query, residual, keys, values, tuned = (
@@ -209,10 +246,11 @@ def tune_values(tail: LastLayerTail, query: torch.Tensor, residual: torch.Tensor
             return tail.final_hidden(attention_output(weights, full), residual)
 
         entropy_before = None
-        for _ in range(steps):
+        for step in range(steps):
             hidden = hidden_with(norm_preserving(original, delta))
             with torch.no_grad():
-                entropy, gradient = switching_gradient(tail.lm_head, hidden, sign)
+                entropy, gradient = switching_gradient(tail.lm_head, hidden, sign,
+                                                       logits if step == 0 else None)
             if entropy_before is None:
                 entropy_before = entropy  # read once, after the loop: no host sync inside it
             optimiser.zero_grad()
