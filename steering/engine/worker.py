@@ -83,8 +83,8 @@ class SteeringWorkerExtension:
             model.register_forward_hook(filler.after_forward, with_kwargs=True)
             compute_logits = model.compute_logits
 
-            def logits_seen_by_parts(hidden_states: torch.Tensor) -> torch.Tensor:
-                logits = compute_logits(hidden_states)
+            def logits_seen_by_parts(hidden: torch.Tensor) -> torch.Tensor:
+                logits = compute_logits(hidden)
                 filler.after_logits(logits)
                 return logits
 
