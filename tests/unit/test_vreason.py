@@ -139,13 +139,18 @@ def test_recomputed_last_layer_gives_hf_logits(hf):
     torch.testing.assert_close(recomputed, logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("engine_logits", [False, True], ids=["recomputed", "engine_logits"])
 @pytest.mark.parametrize("alpha", [1, -1])
-def test_value_update_matches_the_hf_reference_and_moves_entropy_with_the_sign(hf, alpha):
+def test_value_update_matches_the_hf_reference_and_moves_entropy_with_the_sign(hf, alpha,
+                                                                              engine_logits):
+    """With `engine_logits`, the first step starts from the model's logits at that token, as
+    the engine hands them over, instead of recomputing them."""
     model, tokenizer = hf
     ids, logits, cache, x, query, keys, values = _prefill(model, tokenizer, "What is 12 + 30?")
     tuned = torch.arange(len(ids))
     update = tune_values(_tail(model), query, x, keys, values, tuned,
-                         model.model.layers[-1].self_attn.scaling, alpha, steps=3, lr=0.05)
+                         model.model.layers[-1].self_attn.scaling, alpha, steps=3, lr=0.05,
+                         logits=logits if engine_logits else None)
     expected = vreason_reference._update(model, cache, x[None, None], tuned, alpha, 3, 0.05)
     assert update.entropy_before == pytest.approx(expected["entropy_before"], rel=1e-4, abs=1e-5)
     assert update.entropy_after == pytest.approx(expected["entropy_after"], rel=1e-3, abs=1e-4)
@@ -156,24 +161,6 @@ def test_value_update_matches_the_hf_reference_and_moves_entropy_with_the_sign(h
     # update (sign, slot, norm) is off by whole steps.
     assert (update.values - written).abs().max() < 5e-3
     assert (update.entropy_after - update.entropy_before) * alpha > 0
-
-
-@pytest.mark.parametrize("alpha", [1, -1])
-def test_an_update_from_the_models_own_logits_matches_the_hf_reference(hf, alpha):
-    """The engine hands the first step the logits it computed for that token: the update is
-    the reference's, as when the core recomputes them."""
-    model, tokenizer = hf
-    ids, logits, cache, x, query, keys, values = _prefill(model, tokenizer, "What is 12 + 30?")
-    tuned = torch.arange(len(ids))
-    update = tune_values(_tail(model), query, x, keys, values, tuned,
-                         model.model.layers[-1].self_attn.scaling, alpha, steps=3, lr=0.05,
-                         logits=logits)
-    expected = vreason_reference._update(model, cache, x[None, None], tuned, alpha, 3, 0.05)
-    assert update.entropy_before == pytest.approx(expected["entropy_before"], rel=1e-4, abs=1e-5)
-    assert update.entropy_after == pytest.approx(expected["entropy_after"], rel=1e-3, abs=1e-4)
-    assert update.delta_norm == pytest.approx(expected["delta_norm"], rel=1e-3)
-    written = cache.layers[-1].values[0].transpose(0, 1)[tuned]
-    assert (update.values - written).abs().max() < 5e-3
 
 
 def test_the_threaded_transposed_product_is_the_plain_product_bit_for_bit(hf):
