@@ -72,8 +72,10 @@ class WorkerPart:
         """Read this step's captures (`self.table.captured[:, slot]`)."""
 
     def after_logits(self, logits: torch.Tensor) -> None:
-        """Read the step's logits as the model computed them (one row per batch row, before
-        any sampling parameter or processor changes them)."""
+        """Read the step's logits as the model computed them: first its sampled rows' (one per
+        batch row, before any sampling parameter or processor changes them), then, when a
+        request asks for prompt logprobs, its prompt positions' (vLLM computes those later in
+        the step)."""
 
     def take(self, key: str, *args):
         """What a finished request `key` left for the API process (None: nothing)."""

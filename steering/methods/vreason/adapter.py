@@ -254,6 +254,8 @@ class ValueCacheTuner(WorkerPart):
             row.query = table.captured_query[slot].clone()
 
     def after_logits(self, logits: torch.Tensor) -> None:
+        """Keep each capture's logits row; the step's later calls (prompt logprobs) find no
+        capture left."""
         if logits.shape[0] == self.runner.input_batch.num_reqs:  # one row per request
             vocab = self.tail.lm_head.shape[0]
             for row, _, index in self.capturing:
