@@ -110,8 +110,8 @@ class LastLayerTail:
         with torch.inference_mode(False), torch.no_grad():
             hidden = torch.zeros(self.lm_head.shape[1], device=self.lm_head.device)
             logits = torch.zeros(self.lm_head.shape[0], device=self.lm_head.device)
-            switching_gradient(self.lm_head, hidden, torch.tensor(1.0))
-            switching_gradient(self.lm_head, hidden, torch.tensor(1.0), logits)
+            _gradient_at_hidden(self.lm_head, hidden, torch.tensor(1.0))
+            _gradient_of_logits(logits, torch.tensor(1.0))
             output_entropy(self.lm_head, hidden)
 
 
