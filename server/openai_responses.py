@@ -68,8 +68,8 @@ class ResponsesRequest(SteeringFields, VllmResponsesRequest):
             return items
         return [item.model_copy(update={"content": [ResponseOutputText(
                     type="output_text", annotations=[],
-                    text="".join(getattr(part, "text", None) or getattr(part, "refusal", "")
-                                 for part in item.content))]})
+                    text="".join(part.text if isinstance(part, ResponseOutputText)
+                                 else part.refusal for part in item.content))]})
                 if isinstance(item, ResponseOutputMessage) else item for item in items]
 
     @property
